@@ -1,0 +1,276 @@
+"""CLIP backbones for the methods: offline-safe loading, layer taps, text encoding.
+
+:func:`load_clip` returns a :class:`ClipBackbone`, the frozen open_clip model every method
+takes. It exposes the pieces ZSAD methods are built from:
+
+* :meth:`ClipBackbone.encode_image` — the global embedding plus the tokens of any
+  transformer blocks ("taps", 1-based like AnomalyCLIP's ``features_list=[6, 12, 18, 24]``);
+* :meth:`ClipBackbone.project_tokens` — CLIP's own read-out (``ln_post`` then ``proj``)
+  applied to tapped tokens, which puts patch tokens in the joint image–text space;
+* :meth:`ClipBackbone.encode_text` for strings and :meth:`ClipBackbone.encode_text_embeddings`
+  for learnable prompts (token embeddings in, optional deep per-layer prompt tokens).
+
+Weights come from a local checkpoint file, from open_clip's cache, or — with
+``pretrained=None`` — from a seeded random initialisation (tests). Nothing here needs the
+network when the weights are already on disk.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+CHECKPOINT_SUFFIXES = {".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz"}
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+#: Where the papers' weights come from, for error messages and `full_benchmark`'s check.
+WEIGHT_SOURCES = {
+    ("ViT-L-14-336", "openai"): "hf-hub timm/vit_large_patch14_clip_336.openai "
+    "(file open_clip_pytorch_model.bin), or OpenAI's ViT-L-14-336px.pt",
+    ("ViT-B-16-plus-240", "laion400m_e31"): "hf-hub timm/vit_base_patch16_plus_clip_240.laion400m_e31",
+    ("ViT-B-16-plus-240", "laion400m_e32"): "hf-hub timm/vit_base_patch16_plus_clip_240.laion400m_e32",
+}
+
+
+class BackboneError(RuntimeError):
+    """The backbone cannot be built; the message says what to put where."""
+
+
+@cache
+def register_model_configs() -> None:
+    """Make the project's own architectures (``zsad-tiny``) known to open_clip."""
+    open_clip.add_model_config(CONFIG_DIR)
+
+
+def is_checkpoint_path(pretrained: str | os.PathLike) -> bool:
+    """True if ``pretrained`` names a file rather than an open_clip tag."""
+    s = str(pretrained)
+    return (
+        isinstance(pretrained, os.PathLike)
+        or Path(s).suffix.lower() in CHECKPOINT_SUFFIXES
+        or os.sep in s
+        or Path(s).expanduser().exists()
+    )
+
+
+@dataclass
+class ImageFeatures:
+    """What one visual forward pass yields.
+
+    ``global_embedding``: [B, D] projected class token (not normalised).
+    ``taps``: block index (1-based) -> [B, 1 + N, W] tokens after that block (class token first).
+    ``grid``: (rows, cols) of the patch grid.
+    """
+
+    global_embedding: torch.Tensor
+    taps: dict[int, torch.Tensor] = field(default_factory=dict)
+    grid: tuple[int, int] = (0, 0)
+
+
+class ClipBackbone(nn.Module):
+    """A frozen open_clip ViT CLIP with the taps ZSAD methods need."""
+
+    def __init__(self, model: nn.Module, tokenizer, *, arch: str, pretrained: str | None,
+                 image_size: int) -> None:
+        super().__init__()
+        if not hasattr(model, "visual") or not hasattr(model.visual, "transformer"):
+            raise BackboneError(f"{arch}: only open_clip ViT models (VisionTransformer) are supported")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.arch = arch
+        self.pretrained = pretrained
+        self.image_size = int(image_size)
+        vis = model.visual
+        if not getattr(vis.transformer, "batch_first", True):
+            raise BackboneError(f"{arch}: needs a batch-first open_clip transformer (open_clip>=2.24)")
+        if getattr(vis, "attn_pool", None) is not None:
+            raise BackboneError(f"{arch}: attention-pooled visual towers are not supported")
+        ps = vis.conv1.kernel_size
+        self.patch_size = int(ps[0] if isinstance(ps, tuple) else ps)
+        self.grid_size = self.image_size // self.patch_size
+        self.width = int(vis.conv1.out_channels)
+        self.embed_dim = int(vis.proj.shape[1])
+        self.num_layers = len(vis.transformer.resblocks)
+        self.text_width = int(model.token_embedding.weight.shape[1])
+        self.text_layers = len(model.transformer.resblocks)
+        self.context_length = int(model.positional_embedding.shape[0])
+        self.mean, self.std = OPENAI_MEAN, OPENAI_STD
+        self.requires_grad_(False)
+        self.eval()
+
+    # -- bookkeeping ---------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.model.visual.proj.device
+
+    def train(self, mode: bool = True) -> ClipBackbone:
+        """The backbone always stays in eval mode (frozen statistics, no dropout)."""
+        return super().train(False)
+
+    def describe(self) -> str:
+        return f"{self.arch} ({self.pretrained or 'random init'}) @ {self.image_size}px"
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp()
+
+    # -- visual --------------------------------------------------------------------
+    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch + class + position embeddings and ``ln_pre``: [B, 1 + N, W]."""
+        vis = self.model.visual
+        x = vis.conv1(images.to(vis.conv1.weight.dtype))
+        x = x.flatten(2).transpose(1, 2)
+        cls = vis.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1)
+        if x.shape[1] != vis.positional_embedding.shape[0]:
+            raise BackboneError(
+                f"{self.arch}: got {x.shape[1] - 1} patches but the position embedding has "
+                f"{vis.positional_embedding.shape[0] - 1}; feed images of {self.image_size}px "
+                f"(the size given to load_clip)"
+            )
+        x = x + vis.positional_embedding.to(x.dtype)
+        return vis.ln_pre(x)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.visual.transformer.resblocks
+
+    def encode_image(self, images: torch.Tensor, layers: Sequence[int] = ()) -> ImageFeatures:
+        """Run the visual tower; return the projected global token and the tapped blocks."""
+        wanted = self._check_layers(layers)
+        x = self.embed_patches(images)
+        taps: dict[int, torch.Tensor] = {}
+        for i, blk in enumerate(self.blocks, start=1):
+            x = blk(x)
+            if i in wanted:
+                taps[i] = x
+        global_embedding = self.project_tokens(x[:, 0])
+        return ImageFeatures(global_embedding, taps, (self.grid_size, self.grid_size))
+
+    def project_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """CLIP's visual read-out (``ln_post`` then ``proj``) on any tokens [..., W] -> [..., D]."""
+        vis = self.model.visual
+        return vis.ln_post(tokens) @ vis.proj
+
+    def _check_layers(self, layers: Sequence[int]) -> set[int]:
+        wanted = {int(i) for i in layers}
+        bad = sorted(i for i in wanted if not 1 <= i <= self.num_layers)
+        if bad:
+            raise BackboneError(f"{self.arch} has blocks 1..{self.num_layers}; cannot tap {bad}")
+        return wanted
+
+    # -- text ----------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts)).to(self.device)
+
+    def token_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.token_embedding(tokens)
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
+        """Encode strings -> [T, D]."""
+        tokens = self.tokenize(texts)
+        out = self.encode_text_embeddings(self.token_embedding(tokens), tokens)
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def encode_text_embeddings(
+        self,
+        embeddings: torch.Tensor,
+        tokens: torch.Tensor,
+        deep_prompts: Sequence[torch.Tensor] | None = None,
+        deep_start: int = 1,
+    ) -> torch.Tensor:
+        """Text tower from token embeddings [T, L, W]; gradients flow to ``embeddings``.
+
+        ``tokens`` [T, L] gives the end-of-text position (its argmax, as CLIP does).
+        ``deep_prompts``: for blocks ``deep_start + j`` (0-based block index), the tokens
+        at positions ``1 .. 1 + n`` are replaced by ``deep_prompts[j]`` ([n, W] or [T, n, W])
+        before that block — the deep prompting of AnomalyCLIP-style methods.
+        """
+        m = self.model
+        x = embeddings + m.positional_embedding.to(embeddings.dtype)
+        deep_prompts = list(deep_prompts or [])
+        for i, blk in enumerate(m.transformer.resblocks):
+            j = i - deep_start
+            if 0 <= j < len(deep_prompts):
+                p = deep_prompts[j]
+                p = p.unsqueeze(0).expand(x.shape[0], -1, -1) if p.dim() == 2 else p
+                x = torch.cat([x[:, :1], p.to(x.dtype), x[:, 1 + p.shape[1]:]], dim=1)
+            x = blk(x, attn_mask=m.attn_mask)
+        x = m.ln_final(x)
+        pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        proj = m.text_projection
+        return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+
+
+def load_clip(
+    arch: str,
+    pretrained: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    seed: int = 0,
+    cache_dir: str | None = None,
+) -> ClipBackbone:
+    """Build a frozen CLIP backbone.
+
+    ``pretrained``: an open_clip tag (e.g. ``"openai"``; works where the weights are cached
+    or downloadable), a local checkpoint path, or ``None`` for seeded random weights.
+    ``image_size``: input resolution; position embeddings are interpolated to it
+    (e.g. 518 for ViT-L/14@336 as in AnomalyCLIP).
+    """
+    register_model_configs()
+    if arch not in open_clip.list_models():
+        raise BackboneError(f"unknown architecture '{arch}'. open_clip knows e.g. ViT-L-14-336, "
+                            f"ViT-B-16-plus-240; the project adds zsad-tiny.")
+    kwargs = {"force_image_size": image_size} if image_size else {}
+    tag: str | None = None if pretrained is None else str(pretrained)
+    if tag is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = open_clip.create_model(arch, pretrained=None, **kwargs)
+    elif is_checkpoint_path(tag):
+        path = Path(tag).expanduser()
+        if not path.is_file():
+            raise BackboneError(
+                f"checkpoint not found: {path}. Put the {arch} weights there "
+                f"({WEIGHT_SOURCES.get((arch, 'openai'), 'an open_clip state dict')}), "
+                f"or pass an open_clip tag such as 'openai' if its cache is populated."
+            )
+        model = open_clip.create_model(arch, pretrained=None, **kwargs)
+        try:
+            open_clip.load_checkpoint(model, str(path))
+        except Exception as err:
+            raise BackboneError(f"{path}: not a usable {arch} checkpoint ({type(err).__name__}: "
+                                f"{err}). Check that the file matches the architecture.") from err
+        tag = str(path)
+    else:
+        known = open_clip.list_pretrained_tags_by_model(arch)
+        if tag not in known:
+            raise BackboneError(f"'{tag}' is neither a checkpoint file nor an open_clip tag of "
+                                f"{arch} (tags: {', '.join(known) or 'none'})")
+        try:
+            model = open_clip.create_model(arch, pretrained=tag, cache_dir=cache_dir, **kwargs)
+        except Exception as err:
+            where = WEIGHT_SOURCES.get((arch, tag), f"open_clip's '{tag}' weights of {arch}")
+            raise BackboneError(
+                f"could not load {arch} '{tag}' weights ({type(err).__name__}: {err}). This machine "
+                f"may be offline: fetch {where} on a connected machine, then either copy the "
+                f"Hugging Face cache (HF_HOME, or --cache-dir) here or pass the file's path as "
+                f"`pretrained`."
+            ) from err
+    tokenizer = open_clip.get_tokenizer(arch)
+    size = image_size or model.visual.image_size
+    size = size[0] if isinstance(size, tuple | list) else size
+    backbone = ClipBackbone(model, tokenizer, arch=arch, pretrained=tag, image_size=int(size))
+    return backbone.to(device)
