@@ -183,6 +183,18 @@ class ClipBackbone(nn.Module):
         out = self.encode_text_embeddings(self.token_embedding(tokens), tokens)
         return F.normalize(out, dim=-1) if normalize else out
 
+    @torch.no_grad()
+    def encode_prompt_ensemble(self, templates: Sequence[str], states: Sequence[str],
+                               obj: str) -> torch.Tensor:
+        """Mean of the normalised embeddings of every ``template.format(state obj)``, normalised.
+
+        ``templates`` contain one ``{}`` slot; each state word is combined with ``obj``
+        ("damaged" + "bottle" -> "damaged bottle"). Returns [D].
+        """
+        texts = [t.format(f"{s} {obj}".strip()) for t in templates for s in states]
+        feats = self.encode_text(texts, normalize=True)
+        return F.normalize(feats.mean(dim=0), dim=-1)
+
     def encode_text_embeddings(
         self,
         embeddings: torch.Tensor,
