@@ -1,0 +1,128 @@
+"""Manifest rows -> tensors, with the AnomalyCLIP preprocessing.
+
+Images: RGB, resized to ``image_size``² (bicubic), scaled to [0, 1], normalised with
+CLIP's mean/std. Masks: greyscale, binarised on the raw values with the dataset's rule
+(``mask_threshold``: value >= threshold is anomalous; 128 for 8-bit 0/255 masks — the
+same as AnomalyCLIP's "> 0.5 after ToTensor"; 1 for VisA's multi-valued masks), then
+resized with nearest neighbour. Images without a mask get an all-zero mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from bench.backbone import OPENAI_MEAN, OPENAI_STD
+
+DEFAULT_MASK_THRESHOLD = 128
+
+
+class DataError(RuntimeError):
+    """An image or mask cannot be read; the message names the file and the fix."""
+
+
+def load_image(path: Path, image_size: int, mean: Sequence[float] = OPENAI_MEAN,
+               std: Sequence[float] = OPENAI_STD) -> torch.Tensor:
+    """Read, resize (bicubic) and CLIP-normalise one image -> [3, S, S] float32."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot read image ({err}). Re-extract it from the original "
+                        "download, then re-run `zsad-bench prepare`.") from err
+    t = torch.from_numpy(arr).permute(2, 0, 1)
+    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return (t - m) / s
+
+
+def load_mask(path: Path, image_size: int, threshold: int = DEFAULT_MASK_THRESHOLD) -> torch.Tensor:
+    """Read, binarise (raw value >= threshold) and resize (nearest) a mask -> [S, S] float32 0/1."""
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("L")) >= threshold
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot read mask ({err}). Re-extract it from the original "
+                        "download, then re-run `zsad-bench prepare`.") from err
+    im = Image.fromarray(arr.astype(np.uint8) * 255).resize((image_size, image_size),
+                                                            Image.Resampling.NEAREST)
+    return torch.from_numpy(np.asarray(im) > 127).float()
+
+
+class ManifestDataset(Dataset):
+    """A torch Dataset over manifest rows.
+
+    Each item is a dict: ``image`` [3,S,S], ``mask`` [S,S], ``label``, ``category``,
+    ``prompt_name``, ``dataset``, ``domain``, ``path`` (relative image path), ``index``.
+    """
+
+    def __init__(self, manifest: pd.DataFrame, root: str | Path, image_size: int, *,
+                 mask_threshold: int = DEFAULT_MASK_THRESHOLD,
+                 prompt_names: dict[str, str] | None = None,
+                 mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD) -> None:
+        self.rows = manifest.reset_index(drop=True)
+        self.root = Path(root)
+        self.image_size = int(image_size)
+        self.mask_threshold = mask_threshold
+        self.prompt_names = prompt_names or {}
+        self.mean, self.std = mean, std
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r = self.rows.iloc[i]
+        image = load_image(self.root / r["image"], self.image_size, self.mean, self.std)
+        mask_rel = r["mask"]
+        if isinstance(mask_rel, str) and mask_rel:
+            mask = load_mask(self.root / mask_rel, self.image_size, self.mask_threshold)
+        else:
+            mask = torch.zeros(self.image_size, self.image_size)
+        cat = str(r["category"])
+        return {
+            "image": image, "mask": mask, "label": int(r["label"]), "category": cat,
+            "prompt_name": self.prompt_names.get(cat, cat.replace("_", " ")),
+            "dataset": str(r["dataset"]), "domain": str(r["domain"]),
+            "path": str(r["image"]), "index": i,
+        }
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors; keep strings as lists."""
+    out: dict[str, Any] = {}
+    for k in items[0]:
+        vals = [it[k] for it in items]
+        if isinstance(vals[0], torch.Tensor):
+            out[k] = torch.stack(vals)
+        elif isinstance(vals[0], int | float):
+            out[k] = torch.tensor(vals)
+        else:
+            out[k] = vals
+    return out
+
+
+def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool = False, seed: int = 0,
+                num_workers: int = 0) -> DataLoader:
+    """A DataLoader whose order depends only on ``seed`` (and not on global RNG state)."""
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g,
+                      num_workers=num_workers, collate_fn=collate,
+                      worker_init_fn=_seed_worker if num_workers else None,
+                      persistent_workers=False)
+
+
+def _seed_worker(worker_id: int) -> None:
+    import random
+
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)

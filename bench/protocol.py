@@ -1,0 +1,198 @@
+"""The benchmark as data: a protocol TOML file -> a validated :class:`Protocol`.
+
+A protocol names the backbone, the image size, the methods (with hyperparameter
+overrides), the seeds and the auxiliary -> targets transfers. Built-in protocols live in
+``bench/protocols/`` (``demo``, ``full``); any other TOML path works too::
+
+    name = "my-protocol"
+    seeds = [0, 1, 2, 3, 4]
+    methods = ["clip", "anomalyclip"]     # or "all": every registered method
+    [backbone]
+    arch = "ViT-L-14-336"
+    pretrained = "openai"                 # open_clip tag, checkpoint path, or "zsad-toy"
+    image_size = 518
+    [run]
+    batch_size = 8                        # evaluation batch size
+    [[transfers]]
+    aux = "mvtec"
+    targets = ["visa", "mpdd"]
+    [hparams.anomalyclip]                 # per-method overrides of the paper defaults
+    epochs = 15
+    [backbones.winclip]                   # a method that runs on another backbone
+    arch = "ViT-B-16-plus-240"
+    pretrained = "laion400m_e31"
+    image_size = 240
+    [datasets.mvtec]                      # optional per-dataset data roots
+    root = "/data/mvtec_anomaly_detection"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PROTOCOL_DIR = Path(__file__).parent / "protocols"
+TOY_PRETRAINED = "zsad-toy"
+
+
+class ProtocolError(ValueError):
+    """The protocol file is wrong; the message names the file, the key and the fix."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    arch: str
+    pretrained: str | None = None
+    image_size: int | None = None
+
+    def key(self) -> str:
+        return f"{self.arch}|{self.pretrained}|{self.image_size}"
+
+
+@dataclass(frozen=True)
+class Transfer:
+    aux: str
+    targets: tuple[str, ...]
+
+
+@dataclass
+class Protocol:
+    name: str
+    backbone: BackboneSpec
+    methods: list[str]
+    seeds: list[int]
+    transfers: list[Transfer]
+    hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
+    backbones: dict[str, BackboneSpec] = field(default_factory=dict)
+    datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    run: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def backbone_for(self, method: str) -> BackboneSpec:
+        return self.backbones.get(method, self.backbone)
+
+    def digest(self) -> str:
+        """A content hash of the settings that change a job's numbers (not which jobs run)."""
+        d = asdict(self)
+        for key in ("source", "methods", "seeds", "name"):  # selection, not settings
+            d.pop(key)
+        d["datasets"] = {k: {kk: vv for kk, vv in v.items() if kk != "root"}
+                         for k, v in self.datasets.items()}
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def all_datasets(self) -> list[str]:
+        seen: list[str] = []
+        for t in self.transfers:
+            for d in (t.aux, *t.targets):
+                if d not in seen:
+                    seen.append(d)
+        return seen
+
+
+def resolve_path(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path).expanduser()
+    if p.suffix == ".toml" or p.exists():
+        if not p.is_file():
+            raise ProtocolError(f"{p}: protocol file not found. Built-in protocols: "
+                                f"{', '.join(builtin_names())}")
+        return p
+    builtin = PROTOCOL_DIR / f"{name_or_path}.toml"
+    if not builtin.is_file():
+        raise ProtocolError(f"unknown protocol '{name_or_path}'. Built-in: "
+                            f"{', '.join(builtin_names())}; or pass the path of a .toml file")
+    return builtin
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in PROTOCOL_DIR.glob("*.toml"))
+
+
+def _spec(d: dict[str, Any], where: str) -> BackboneSpec:
+    if "arch" not in d:
+        raise ProtocolError(f"{where}: needs 'arch' (an open_clip architecture, e.g. ViT-L-14-336)")
+    unknown = set(d) - {"arch", "pretrained", "image_size"}
+    if unknown:
+        raise ProtocolError(f"{where}: unknown keys {sorted(unknown)}; use arch, pretrained, image_size")
+    size = d.get("image_size")
+    return BackboneSpec(str(d["arch"]), d.get("pretrained"), int(size) if size else None)
+
+
+def load(name_or_path: str | Path) -> Protocol:
+    """Read and structurally validate a protocol (see :func:`validate` for registry checks)."""
+    path = resolve_path(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ProtocolError(f"{path}: not valid TOML ({err})") from err
+    known = {"name", "description", "seeds", "methods", "backbone", "run", "transfers",
+             "hparams", "backbones", "datasets"}
+    unknown = set(raw) - known
+    if unknown:
+        raise ProtocolError(f"{path}: unknown top-level keys {sorted(unknown)}; known: {sorted(known)}")
+    for key in ("backbone", "transfers"):
+        if key not in raw:
+            raise ProtocolError(f"{path}: missing [{key}]")
+    methods = raw.get("methods", "all")
+    if isinstance(methods, str):
+        methods = [methods]
+    seeds = raw.get("seeds", [0, 1, 2, 3, 4])
+    if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ProtocolError(f"{path}: 'seeds' must be a list of distinct non-negative integers")
+    transfers = []
+    for i, t in enumerate(raw["transfers"]):
+        if "aux" not in t or not t.get("targets"):
+            raise ProtocolError(f"{path}: transfers[{i}] needs 'aux' and a non-empty 'targets' list")
+        transfers.append(Transfer(str(t["aux"]), tuple(str(x) for x in t["targets"])))
+    proto = Protocol(
+        name=str(raw.get("name", path.stem)),
+        backbone=_spec(raw["backbone"], f"{path} [backbone]"),
+        methods=[str(m) for m in methods],
+        seeds=list(seeds),
+        transfers=transfers,
+        hparams={k: dict(v) for k, v in raw.get("hparams", {}).items()},
+        backbones={k: _spec(v, f"{path} [backbones.{k}]") for k, v in raw.get("backbones", {}).items()},
+        datasets={k: dict(v) for k, v in raw.get("datasets", {}).items()},
+        run=dict(raw.get("run", {})),
+        source=str(path),
+    )
+    check_leakage(proto)
+    return proto
+
+
+def check_leakage(proto: Protocol) -> None:
+    """Refuse a transfer that evaluates on the dataset it trains on (zero-shot means unseen)."""
+    for t in proto.transfers:
+        if t.aux in t.targets:
+            raise ProtocolError(
+                f"{proto.source}: transfer aux='{t.aux}' also lists '{t.aux}' as a target. Zero-shot "
+                f"transfer never evaluates on the auxiliary dataset; remove it from targets."
+            )
+        if len(set(t.targets)) != len(t.targets):
+            raise ProtocolError(f"{proto.source}: transfer aux='{t.aux}' lists a target twice")
+
+
+def validate(proto: Protocol, *, methods: list[str], datasets: list[str]) -> Protocol:
+    """Check every method and dataset name against the registries; expand ``"all"``."""
+    if proto.methods == ["all"]:
+        proto.methods = list(methods)
+    unknown = [m for m in proto.methods if m not in methods]
+    if unknown:
+        raise ProtocolError(f"{proto.source}: unknown methods {unknown}. Registered: "
+                            f"{', '.join(methods)} (add one with --plugin FILE.py)")
+    for section in (proto.hparams, proto.backbones):
+        extra = [m for m in section if m not in methods]
+        if extra:
+            raise ProtocolError(f"{proto.source}: settings for unknown methods {extra}")
+    unknown_ds = [d for d in proto.all_datasets() if d not in datasets]
+    if unknown_ds:
+        raise ProtocolError(f"{proto.source}: unknown datasets {unknown_ds}. Known: {', '.join(datasets)}")
+    return proto

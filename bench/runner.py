@@ -1,0 +1,362 @@
+"""Expand a protocol into jobs, run them, resume after a crash.
+
+A :class:`Job` is (method, aux, seed): it trains once (or not at all) and is then
+evaluated on every target of its transfer. The unit of durable work is (job, target):
+its records are flushed and committed together (:mod:`bench.results`), so a killed run
+resumes where it stopped and loses nothing that was written.
+
+Determinism: every unit starts from ``seed_everything(job.seed)``, and the auxiliary
+loader's order depends only on the seed, so resuming gives the numbers an uninterrupted
+run gives.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from bench import manifest as mf
+from bench import metrics
+from bench import protocol as protocol_mod
+from bench.backbone import ClipBackbone, load_clip
+from bench.data import DEFAULT_MASK_THRESHOLD, ManifestDataset, make_loader
+from bench.registry import ADAPTERS, METHODS, create_method, get_adapter
+from bench.results import ResultStore, environment
+
+log = logging.getLogger("zsad_bench")
+GALLERY_SIZE = 96  # pixels of the maps kept for the report's gallery
+
+
+class RunError(RuntimeError):
+    """The run cannot proceed; the message says why and what to do."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA); ask for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+@dataclass(frozen=True)
+class Job:
+    method: str
+    aux: str
+    seed: int
+    targets: tuple[str, ...]
+    shots: int = 0
+
+    @property
+    def id(self) -> str:
+        shots = f"__k{self.shots}" if self.shots else ""
+        return f"{self.method}__{self.aux}__s{self.seed}{shots}"
+
+    def unit(self, target: str) -> str:
+        return f"{self.id}__{target}"
+
+
+def expand(proto: protocol_mod.Protocol, seeds: list[int] | None = None) -> list[Job]:
+    """Jobs in run order: methods another one requires come first.
+
+    Seeded methods get every seed; unseeded (deterministic, training-free) ones run once,
+    under the protocol's first seed.
+    """
+    seeds = list(seeds) if seeds is not None else list(proto.seeds)
+    order = _dependency_order(proto.methods)
+    jobs = []
+    for name in order:
+        cls = METHODS.get(name)
+        for t in proto.transfers:
+            for s in seeds if cls.is_seeded() else seeds[:1]:
+                jobs.append(Job(name, t.aux, s, t.targets))
+    return jobs
+
+
+def _dependency_order(names: list[str]) -> list[str]:
+    out: list[str] = []
+
+    def visit(n: str, stack: tuple[str, ...]) -> None:
+        if n in out:
+            return
+        if n in stack:
+            raise RunError(f"methods depend on each other in a cycle: {' -> '.join(stack + (n,))}")
+        req = METHODS.get(n).requires
+        if req and req in names:
+            visit(req, stack + (n,))
+        out.append(n)
+
+    for n in names:
+        visit(n, ())
+    return out
+
+
+@dataclass
+class DatasetHandle:
+    """A target or auxiliary dataset ready to load."""
+
+    name: str
+    root: Path
+    manifest: pd.DataFrame
+    adapter: Any
+
+    @property
+    def mask_threshold(self) -> int:
+        return int(getattr(self.adapter, "mask_threshold", DEFAULT_MASK_THRESHOLD))
+
+    def torch_dataset(self, rows: pd.DataFrame, image_size: int) -> ManifestDataset:
+        names = {c: self.adapter.prompt_name(c) for c in rows["category"].unique()}
+        return ManifestDataset(rows, self.root, image_size, mask_threshold=self.mask_threshold,
+                               prompt_names=names)
+
+
+def dataset_root(proto: protocol_mod.Protocol, name: str, data_root: Path) -> Path:
+    custom = proto.datasets.get(name, {}).get("root")
+    return Path(custom).expanduser() if custom else data_root / name
+
+
+def open_dataset(proto: protocol_mod.Protocol, name: str, data_root: Path,
+                 *, generate: bool = True) -> DatasetHandle:
+    """Read ``<root>/<name>.manifest.parquet``; build it (or generate demo data) if absent."""
+    root = dataset_root(proto, name, data_root)
+    adapter = get_adapter(name)
+    path = mf.manifest_path(root, name)
+    if not path.is_file():
+        if hasattr(adapter, "generate") and generate and not (root.exists() and adapter.detect(root)):
+            root.mkdir(parents=True, exist_ok=True)
+            adapter.generate(root)
+        if not root.exists():
+            raise RunError(f"{root}: data of '{name}' not found. Download it "
+                           f"({adapter.download_url or 'see docs/datasets.md'}), extract it there "
+                           f"(or set [datasets.{name}] root in the protocol), then run "
+                           f"`zsad-bench prepare {name} --root {root}`.")
+        try:
+            from bench.prepare import prepare_dataset
+        except ImportError:  # pragma: no cover - adapters issue not landed
+            df = adapter.scan(root)
+            mf.write(df, path)
+        else:
+            prepare_dataset(name, root)
+    return DatasetHandle(name, root, mf.read(path), adapter)
+
+
+def _progress(enabled: bool) -> Callable[..., Iterable]:
+    def wrap(it: Iterable, **kw: Any) -> Iterable:
+        return tqdm(it, disable=not enabled, leave=False, dynamic_ncols=True, file=sys.stderr, **kw)
+
+    return wrap
+
+
+@dataclass
+class Runner:
+    """Runs the jobs of one protocol into one result directory."""
+
+    proto: protocol_mod.Protocol
+    results_dir: Path
+    data_root: Path
+    device: str = "cpu"
+    progress: bool = True
+    store: ResultStore = field(init=False)
+    _backbones: dict[str, ClipBackbone] = field(default_factory=dict, init=False)
+    _datasets: dict[str, DatasetHandle] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        self.results_dir = Path(self.results_dir)
+        self.data_root = Path(self.data_root)
+        self.store = ResultStore(self.results_dir)
+        prov = self.store.provenance()
+        digest = self.proto.digest()
+        if prov.get("protocol_hash") not in (None, digest):
+            raise RunError(
+                f"{self.results_dir} holds a run of another protocol version (hash "
+                f"{prov['protocol_hash']}, now {digest}). Use a new --results directory, or "
+                f"restore the protocol it was run with ({prov.get('protocol_source')})."
+            )
+        dropped = self.store.repair()
+        if dropped:
+            log.warning("dropped %d records of unfinished work from a killed run", dropped)
+        self.store.write_provenance({
+            "protocol": self.proto.name, "protocol_hash": digest,
+            "protocol_source": self.proto.source, "backbone": self.proto.backbone.__dict__,
+            "seeds": self.proto.seeds, "environment": environment(),
+        })
+
+    # -- resources ------------------------------------------------------------------
+    def backbone(self, method: str) -> ClipBackbone:
+        spec = self.proto.backbone_for(method)
+        if spec.key() not in self._backbones:
+            pretrained = spec.pretrained
+            if pretrained == protocol_mod.TOY_PRETRAINED:
+                from bench.toyclip import checkpoint_path
+
+                pretrained = str(checkpoint_path())
+            self._backbones[spec.key()] = load_clip(spec.arch, pretrained, spec.image_size,
+                                                    self.device)
+        return self._backbones[spec.key()]
+
+    def dataset(self, name: str) -> DatasetHandle:
+        if name not in self._datasets:
+            self._datasets[name] = open_dataset(self.proto, name, self.data_root)
+        return self._datasets[name]
+
+    def hparams(self, method: str) -> dict[str, Any]:
+        hp = dict(self.proto.hparams.get(method, {}))
+        cls = METHODS.get(method)
+        scale = float(self.proto.run.get("epochs_scale", 1.0))
+        if cls.trains and scale != 1.0:
+            base = hp.get("epochs", cls.default_hparams.get("epochs", 1))
+            hp["epochs"] = max(1, round(base * scale))
+        return hp
+
+    # -- running ---------------------------------------------------------------------
+    def pending(self, jobs: list[Job]) -> list[Job]:
+        done = self.store.done_units()
+        return [j for j in jobs if any(j.unit(t) not in done for t in j.targets)]
+
+    def run(self, jobs: list[Job]) -> dict[str, int]:
+        todo = self.pending(jobs)
+        skipped = len(jobs) - len(todo)
+        bar = tqdm(todo, desc="jobs", disable=not self.progress, dynamic_ncols=True, file=sys.stderr)
+        written = 0
+        for job in bar:
+            bar.set_postfix_str(job.id)
+            written += self.run_job(job)
+        return {"jobs": len(jobs), "skipped": skipped, "ran": len(todo), "records": written}
+
+    def trained_method(self, job: Job):
+        """The job's method with its learnable state: loaded from a checkpoint or trained now."""
+        name = job.method
+        cls = METHODS.get(name)
+        bb = self.backbone(name)
+        hp = self.hparams(name)
+        seed_everything(job.seed)
+        method = create_method(name, bb, **hp)
+        method.to(bb.device)
+        if not cls.trains:
+            return method
+        ckpt = self.store.load_checkpoint(job.id)
+        if ckpt is not None:
+            method.load_state_dict({k: v.to(bb.device) for k, v in ckpt[0].items()})
+            return method
+        if cls.requires:
+            dep_job = Job(cls.requires, job.aux, job.seed, job.targets)
+            dep = self.trained_method(dep_job)
+            method.init_from(dep.state_dict())
+        aux = self.dataset(job.aux)
+        rows = aux.manifest[aux.manifest["split"] == "test"]
+        ds = aux.torch_dataset(rows, bb.image_size)
+        bs = int(hp.get("batch_size", self.proto.run.get("train_batch_size", 8)))
+        loader = make_loader(ds, batch_size=bs, shuffle=True, seed=job.seed)
+        seed_everything(job.seed)
+        t0 = time.perf_counter()
+        method.fit(loader, epochs=hp.get("epochs", cls.default_hparams.get("epochs")), seed=job.seed,
+                   progress=_progress(self.progress))
+        digest = self.store.save_checkpoint(job.id, method.state_dict())
+        self.store.write_provenance({"checkpoints": {job.id: {
+            "sha256": digest, "train_seconds": round(time.perf_counter() - t0, 3),
+            "learnable_params": method.learnable_parameters()}}})
+        return method
+
+    def run_job(self, job: Job) -> int:
+        done = self.store.done_units()
+        method = self.trained_method(job)
+        written = 0
+        for target in job.targets:
+            unit = job.unit(target)
+            if unit in done:
+                continue
+            seed_everything(job.seed)
+            t0 = time.perf_counter()
+            records = self.evaluate(method, job, self.dataset(target))
+            written += self.store.append_unit(unit, records, seconds=round(time.perf_counter() - t0, 3))
+        return written
+
+    def evaluate(self, method, job: Job, target: DatasetHandle) -> list[dict[str, Any]]:
+        bb = method.backbone
+        test = target.manifest[target.manifest["split"] == "test"]
+        bs = int(self.proto.run.get("batch_size", 16))
+        records: list[dict[str, Any]] = []
+        adapter = target.adapter
+        image_level = bool(getattr(adapter, "has_image_labels", True))
+        pixel_level = bool(getattr(adapter, "has_masks", True))
+        for category in sorted(test["category"].unique()):
+            rows = test[test["category"] == category]
+            ds = target.torch_dataset(rows, bb.image_size)
+            loader = make_loader(ds, batch_size=bs, shuffle=False)
+            scores, maps, labels, masks = [], [], [], []
+            it = _progress(self.progress)(loader, desc=f"{job.method} {target.name}/{category}")
+            for batch in it:
+                pred = method.predict(batch).detach()
+                scores.append(pred.image_scores.numpy())
+                maps.append(pred.anomaly_maps.numpy().astype(np.float32))
+                labels.append(batch["label"].numpy())
+                masks.append(batch["mask"].numpy() > 0.5)
+            s, m = np.concatenate(scores), np.concatenate(maps)
+            lab, gt = np.concatenate(labels), np.concatenate(masks)
+            values = metrics.category_metrics(lab, s, gt if pixel_level else None,
+                                              m if pixel_level else None,
+                                              image_level=image_level, pixel_level=pixel_level)
+            for (level, metric), value in values.items():
+                records.append({"method": job.method, "aux": job.aux, "seed": job.seed,
+                                "shots": job.shots, "dataset": target.name, "category": category,
+                                "level": level, "metric": metric, "value": float(value),
+                                "n_images": int(len(lab)), "backbone": bb.describe()})
+            if job.seed == self.proto.seeds[0]:
+                self._save_gallery(job, target.name, category, rows, lab, m, gt)
+        return records
+
+    def _save_gallery(self, job: Job, dataset: str, category: str, rows: pd.DataFrame,
+                      labels: np.ndarray, maps: np.ndarray, masks: np.ndarray) -> None:
+        """Keep a few maps (same images for every method: selection seeded by name only)."""
+        k = int(self.proto.run.get("gallery_per_category", 2))
+        if k <= 0:
+            return
+        rng = np.random.default_rng(abs(hash_str(f"{dataset}/{category}")) % 2**32)
+        anomalous = np.flatnonzero(labels == 1)
+        pool = anomalous if len(anomalous) >= k else np.arange(len(labels))
+        pick = np.sort(rng.choice(pool, size=min(k, len(pool)), replace=False))
+        t = torch.from_numpy(maps[pick])[:, None]
+        small = torch.nn.functional.interpolate(t, size=(GALLERY_SIZE, GALLERY_SIZE), mode="bilinear",
+                                                align_corners=False)[:, 0].numpy()
+        gt = torch.from_numpy(masks[pick].astype(np.float32))[:, None]
+        gt = torch.nn.functional.interpolate(gt, size=(GALLERY_SIZE, GALLERY_SIZE), mode="nearest")[:, 0]
+        path = self.store.dir / "maps" / f"{job.method}__{job.aux}__{dataset}__{category}.npz"
+        np.savez_compressed(path, maps=small.astype(np.float16), masks=gt.numpy().astype(bool),
+                            images=np.array([rows.iloc[i]["image"] for i in pick]),
+                            labels=labels[pick], root=str(self.dataset(dataset).root))
+
+
+def hash_str(s: str) -> int:
+    """A process-independent string hash (Python's hash() is salted per process)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(s.encode()).digest()[:8], "big")
+
+
+def prepare_protocol(name_or_path: str, plugins: Iterable[str] = (),
+                     methods: list[str] | None = None) -> protocol_mod.Protocol:
+    """Load plugins, read the protocol, check names against the registries, apply --methods."""
+    from bench.registry import load_plugin
+
+    for p in plugins:
+        load_plugin(p)
+    proto = protocol_mod.load(name_or_path)
+    proto = protocol_mod.validate(proto, methods=METHODS.names(), datasets=ADAPTERS.names())
+    if methods:
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise protocol_mod.ProtocolError(f"--methods: unknown {unknown}; registered: "
+                                             f"{', '.join(METHODS.names())}")
+        proto.methods = [m for m in methods]
+    return proto
