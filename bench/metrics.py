@@ -662,7 +662,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         aux, shots, dataset, level, metric, mean, std, n_seeds, n_categories,
         n_excluded``. ``n_seeds`` counts the seeds with a defined dataset mean;
         ``n_categories`` / ``n_excluded`` are per seed (if seeds disagree: the smallest
-        number used and the largest number excluded).
+        number used and the largest number excluded, over the seeds with a defined mean).
     """
     import pandas as pd
 
@@ -696,16 +696,23 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     g = d.groupby(_KEYS_SEED, dropna=False, sort=True)["value"]
     per_seed = g.agg(mean="mean", n_categories="count", n_all="size").reset_index()
     per_seed["n_excluded"] = per_seed["n_all"] - per_seed["n_categories"]
+    # category counts are taken over the seeds that contribute a dataset mean
+    used = per_seed["mean"].notna()
+    per_seed["nc_used"] = per_seed["n_categories"].where(used)
+    per_seed["nx_used"] = per_seed["n_excluded"].where(used)
 
     g2 = per_seed.groupby(_KEYS_OUT, dropna=False, sort=True)
     out = g2.agg(
         mean=("mean", "mean"),
         std=("mean", lambda v: v.std(ddof=1)),
         n_seeds=("mean", "count"),
-        n_categories=("n_categories", "min"),
-        n_excluded=("n_excluded", "max"),
+        n_categories=("nc_used", "min"),
+        n_excluded=("nx_used", "max"),
+        n_excluded_all=("n_excluded", "max"),
     ).reset_index()
     out["std"] = out["std"].where(out["n_seeds"] >= 2)
+    out["n_categories"] = out["n_categories"].fillna(0)
+    out["n_excluded"] = out["n_excluded"].fillna(out["n_excluded_all"])
     for c in ("n_seeds", "n_categories", "n_excluded"):
         out[c] = out[c].astype("int64")
     return out[_AGG_COLUMNS]

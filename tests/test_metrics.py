@@ -465,6 +465,18 @@ def test_aggregate_all_nan_single_seed_and_shots() -> None:
     assert pix["mean"] == 0.9 and math.isnan(pix["std"]) and pix["n_seeds"] == 1
 
 
+def test_aggregate_seed_without_defined_mean_is_left_out() -> None:
+    rows = [
+        ("m", "visa", 0, "mvtec", "a", "pixel", "aupro", 0.6),
+        ("m", "visa", 0, "mvtec", "b", "pixel", "aupro", 0.8),
+        ("m", "visa", 1, "mvtec", "a", "pixel", "aupro", np.nan),
+        ("m", "visa", 1, "mvtec", "b", "pixel", "aupro", np.nan),
+    ]
+    row = M.aggregate(records(rows)).iloc[0]
+    assert row["mean"] == pytest.approx(0.7) and math.isnan(row["std"])
+    assert (row["n_seeds"], row["n_categories"], row["n_excluded"]) == (1, 2, 0)
+
+
 def test_aggregate_groups_and_duplicates() -> None:
     rows = [
         ("a", "mvtec", 0, "visa", "c1", "pixel", "aupro", 0.5),
