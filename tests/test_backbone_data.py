@@ -1,0 +1,177 @@
+"""Backbone loading (tiny model, checkpoints, errors), preprocessing, manifests, check_method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from bench import manifest as mf
+from bench.backbone import OPENAI_MEAN, OPENAI_STD, BackboneError, load_clip
+from bench.data import ManifestDataset, collate, load_image, load_mask, make_loader
+from bench.registry import METHODS
+from methods.base import check_method
+
+
+def test_tiny_backbone_matches_open_clip(tiny_backbone):
+    x = torch.randn(2, 3, 64, 64)
+    feats = tiny_backbone.encode_image(x, layers=[2, 4])
+    assert set(feats.taps) == {2, 4} and feats.grid == (8, 8)
+    assert feats.taps[4].shape == (2, 65, tiny_backbone.width)
+    ref = tiny_backbone.model.encode_image(x)
+    assert torch.allclose(feats.global_embedding, ref, atol=1e-5)
+    texts = ["a photo of a damaged bottle", "a flawless grid"]
+    ref_t = tiny_backbone.model.encode_text(tiny_backbone.tokenize(texts), normalize=True)
+    assert torch.allclose(tiny_backbone.encode_text(texts), ref_t, atol=1e-5)
+    assert not any(p.requires_grad for p in tiny_backbone.parameters())
+
+
+def test_random_init_is_seeded():
+    a, b = load_clip("zsad-tiny", None, 64, seed=1), load_clip("zsad-tiny", None, 64, seed=1)
+    c = load_clip("zsad-tiny", None, 64, seed=2)
+    assert torch.equal(a.model.visual.proj, b.model.visual.proj)
+    assert not torch.equal(a.model.visual.proj, c.model.visual.proj)
+
+
+def test_checkpoint_round_trip_and_position_interpolation(tmp_path: Path, tiny_backbone):
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(tiny_backbone.model.state_dict(), ckpt)
+    same = load_clip("zsad-tiny", ckpt, 64)
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(same.encode_image(x).global_embedding, tiny_backbone.encode_image(x).global_embedding)
+    big = load_clip("zsad-tiny", str(ckpt), 96)  # interpolated to a 12x12 grid
+    assert big.grid_size == 12 and big.model.visual.positional_embedding.shape[0] == 145
+    assert torch.equal(big.model.visual.positional_embedding[0], tiny_backbone.model.visual.positional_embedding[0])
+    with pytest.raises(BackboneError, match="feed images of 96px"):
+        big.encode_image(x)
+
+
+def test_missing_checkpoint_says_where_to_put_it(tmp_path: Path):
+    with pytest.raises(BackboneError, match=r"checkpoint not found: .*nope\.pt\. Put the zsad-tiny weights there"):
+        load_clip("zsad-tiny", tmp_path / "nope.pt")
+    with pytest.raises(BackboneError, match=r"hf-hub timm/vit_large_patch14_clip_336.openai"):
+        load_clip("ViT-L-14-336", tmp_path / "ViT-L-14-336.bin")
+
+
+def test_wrong_checkpoint_and_unknown_names(tmp_path: Path):
+    bad = tmp_path / "bad.pt"
+    torch.save({"foo": torch.zeros(1)}, bad)
+    with pytest.raises(BackboneError, match="not a usable zsad-tiny checkpoint"):
+        load_clip("zsad-tiny", bad)
+    with pytest.raises(BackboneError, match="unknown architecture"):
+        load_clip("ViT-Nope")
+    with pytest.raises(BackboneError, match="neither a checkpoint file nor an open_clip tag"):
+        load_clip("zsad-tiny", "laion-nonexistent")
+    with pytest.raises(BackboneError, match="cannot tap"):
+        load_clip("zsad-tiny", None, 64).encode_image(torch.zeros(1, 3, 64, 64), layers=[9])
+
+
+def test_deep_prompts_change_text_features(tiny_backbone):
+    tokens = tiny_backbone.tokenize(["x x x x object"])
+    emb = tiny_backbone.token_embedding(tokens)
+    base = tiny_backbone.encode_text_embeddings(emb, tokens)
+    deep = [torch.randn(2, tiny_backbone.text_width) for _ in range(2)]
+    out = tiny_backbone.encode_text_embeddings(emb, tokens, deep_prompts=deep)
+    assert out.shape == base.shape and not torch.allclose(out, base)
+    assert open_clip.tokenize(["x"]).shape[1] == tiny_backbone.context_length
+
+
+# -- preprocessing ----------------------------------------------------------------------
+
+def test_load_image_bicubic_and_clip_normalisation(tmp_path: Path):
+    arr = (np.random.default_rng(0).random((20, 30, 3)) * 255).astype(np.uint8)
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    t = load_image(tmp_path / "a.png", 16)
+    ref = np.asarray(Image.fromarray(arr).resize((16, 16), Image.Resampling.BICUBIC), np.float32) / 255
+    ref = (ref - np.array(OPENAI_MEAN, np.float32)) / np.array(OPENAI_STD, np.float32)
+    assert t.shape == (3, 16, 16)
+    assert np.allclose(t.permute(1, 2, 0).numpy(), ref, atol=1e-6)
+
+
+def test_load_mask_threshold_then_nearest(tmp_path: Path):
+    m = np.zeros((8, 8), np.uint8)
+    m[:4, :4] = 255
+    m[4:, 4:] = 3  # VisA-style small label value
+    Image.fromarray(m).save(tmp_path / "m.png")
+    strict = load_mask(tmp_path / "m.png", 4)  # default threshold 128
+    assert strict.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    anynz = load_mask(tmp_path / "m.png", 4, threshold=1)
+    assert anynz.sum() == 8 and set(anynz.unique().tolist()) == {0.0, 1.0}
+
+
+def test_unreadable_image_names_the_file(tmp_path: Path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    from bench.data import DataError
+
+    with pytest.raises(DataError, match=r"broken\.png: cannot read image"):
+        load_image(tmp_path / "broken.png", 8)
+
+
+def test_dataset_and_seeded_loader(demo_data_root: Path):
+    from bench.registry import get_adapter
+
+    df = get_adapter("demo_aux").scan(demo_data_root / "demo_aux")
+    ds = ManifestDataset(df, demo_data_root / "demo_aux", 32)
+    item = ds[0]
+    assert item["image"].shape == (3, 32, 32) and item["mask"].shape == (32, 32)
+    order = [b["index"].tolist() for b in make_loader(ds, batch_size=8, shuffle=True, seed=3)]
+    again = [b["index"].tolist() for b in make_loader(ds, batch_size=8, shuffle=True, seed=3)]
+    other = [b["index"].tolist() for b in make_loader(ds, batch_size=8, shuffle=True, seed=4)]
+    assert order == again != other
+    batch = collate([ds[0], ds[1]])
+    assert batch["image"].shape == (2, 3, 32, 32) and isinstance(batch["category"], list)
+    anomalous = df.index[df["label"] == 1][0]
+    assert ds[int(anomalous)]["mask"].sum() > 0
+
+
+# -- manifests ------------------------------------------------------------------------
+
+def _row(**kw):
+    base = dict(dataset="x", domain="industrial", modality="RGB", category="a", split="test",
+                image="a/0.png", mask=None, label=0, defect="good", width=8, height=8)
+    return {**base, **kw}
+
+
+def test_manifest_write_read_round_trip(tmp_path: Path):
+    df = mf.from_rows([_row(), _row(image="a/1.png", mask="a/1_mask.png", label=1, defect="hole")])
+    path = mf.write(df, mf.manifest_path(tmp_path, "x"))
+    back = mf.read(path)
+    pd.testing.assert_frame_equal(back, df)
+    assert back["mask"].isna().tolist() == [True, False]
+
+
+def test_manifest_validation_names_files_and_fixes(tmp_path: Path):
+    df = mf.from_rows([_row(), _row(image="a/1.png", label=1, defect="hole"), _row(category="zz", image="z.png")])
+    problems = mf.validate(df, tmp_path, has_masks=True, categories=["a"])
+    text = "\n".join(map(str, problems))
+    assert "a/1.png: anomalous image without a mask" in text
+    assert "unknown categories ['zz']" in text
+    assert "a/0.png: image file not found" in text.replace(str(tmp_path) + "/", "")
+    with pytest.raises(mf.ManifestError, match="manifest not found .* `zsad-bench prepare x --root"):
+        mf.read(tmp_path / "x.manifest.parquet")
+
+
+# -- every registered method honours the plugin contract ---------------------------------
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_check_method(name: str, tiny_backbone):
+    check_method(METHODS.get(name), tiny_backbone, epochs=1)
+
+
+def test_check_method_catches_a_broken_method(tiny_backbone):
+    from methods.base import Method, Prediction
+
+    class Broken(Method):
+        name = "broken"
+
+        def predict(self, batch):
+            b = batch["image"].shape[0]
+            return Prediction(torch.rand(b), torch.rand(b, 8, 8))  # wrong map size, not seeded
+
+    with pytest.raises(AssertionError, match="anomaly_maps shape"):
+        check_method(Broken, tiny_backbone)
