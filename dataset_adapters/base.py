@@ -395,11 +395,11 @@ class DatasetAdapter:
         if folder is None:
             raise ManifestError(self.not_found_message(root))
         found = self.entries(folder)
-        self.raise_problems()
         if not found:
+            self.raise_problems()
             raise ManifestError(f"{folder}: no images found\n  fix: {self.redownload_fix()}")
-        rows = self._rows(root, folder, found)
-        self.raise_problems()
+        rows = self._rows(root, folder, found)  # header checks run even after pairing problems,
+        self.raise_problems()  # so one run reports every problem
         return from_rows(rows)
 
     def _rows(self, root: Path, folder: Path, found: list[Entry]) -> list[dict]:
@@ -415,9 +415,10 @@ class DatasetAdapter:
         found = sorted(found, key=lambda e: (e.split != "test", order.get(e.category, len(order)),
                                              e.category, natural_key(e.image)))
         rows = []
+        reported = {p.file for p in self._problems}
         for e in found:
             size = infos[folder / e.image]
-            if self.has_masks and e.label == 1 and not e.mask:
+            if self.has_masks and e.label == 1 and not e.mask and str(folder / e.image) not in reported:
                 self.problem(folder / e.image, "anomalous image without a mask in a dataset that has masks",
                              f"restore its mask from the original archive ({self.mask_rule})")
             if e.mask:
