@@ -286,3 +286,174 @@ def load_clip(
     size = size[0] if isinstance(size, tuple | list) else size
     backbone = ClipBackbone(model, tokenizer, arch=arch, pretrained=tag, image_size=int(size))
     return backbone.to(device)
+
+
+# ======================================================================================
+# Training-free building blocks (issue 4): prompt ensembles, the value-value attention
+# path and window re-encoding. Shared by clip / winclip / anoclip(+) and later methods.
+# Everything below only reads the frozen backbone; nothing above was changed for it.
+# ======================================================================================
+
+def compose_prompts(templates: Sequence[str], states: Sequence[str], obj: str) -> list[str]:
+    """Every ``template`` × ``state`` sentence about ``obj`` (template-major order).
+
+    A state with a ``{}`` slot takes the object words (``"{} with flaw"`` -> ``"bottle with
+    flaw"``); a plain state word is put in front of them (``"damaged"`` -> ``"damaged
+    bottle"``; ``""`` -> ``"bottle"``). Each template has one ``{}`` slot for the result.
+    """
+    phrases = [s.format(obj) if "{}" in s else f"{s} {obj}".strip() for s in states]
+    return [t.format(p) for t in templates for p in phrases]
+
+
+@torch.no_grad()
+def encode_prompts(backbone: ClipBackbone, texts: Sequence[str], *, normalize: bool = True,
+                   batch_size: int = 256) -> torch.Tensor:
+    """Text embeddings [T, D] of ``texts``, encoded in chunks (large prompt sets fit in memory)."""
+    out = [backbone.encode_text(list(texts[i:i + batch_size]), normalize=normalize)
+           for i in range(0, len(texts), batch_size)]
+    return torch.cat(out, dim=0)
+
+
+def ensemble_mean(embeddings: torch.Tensor, *, normalize_each: bool = True) -> torch.Tensor:
+    """One class prototype [D] from prompt embeddings [T, D]: (normalised) mean, normalised.
+
+    ``normalize_each=True`` is CLIP's prompt ensembling (Radford et al. 2021, §3.1.4: each
+    prompt embedding is L2-normalised before averaging); ``False`` averages the raw
+    embeddings, as anomalib's WinCLIP and AnoCLIP's released code do.
+    """
+    e = F.normalize(embeddings, dim=-1) if normalize_each else embeddings
+    return F.normalize(e.mean(dim=0), dim=-1)
+
+
+def prompt_ensemble_features(backbone: ClipBackbone, templates: Sequence[str],
+                             states: Sequence[str], obj: str, *,
+                             normalize_each: bool = True) -> torch.Tensor:
+    """Prototype [D] of ``compose_prompts(templates, states, obj)`` (see :func:`ensemble_mean`)."""
+    raw = encode_prompts(backbone, compose_prompts(templates, states, obj), normalize=False)
+    return ensemble_mean(raw, normalize_each=normalize_each)
+
+
+def block_attention(block: nn.Module, x: torch.Tensor, mode: str = "vv") -> torch.Tensor:
+    """The attention branch of one open_clip block on already-normalised tokens ``x`` [B, L, W].
+
+    ``mode="qkv"`` recomputes the block's own multi-head attention (queries, keys, values);
+    ``mode="vv"`` is the value-value self-attention of AnoCLIP (Deng et al. 2023, §3.2, Eq. 7)
+    and CLIP Surgery: queries and keys are replaced by the values, scaled by
+    ``head_dim ** -0.5`` like the original. Both end with the block's output projection and
+    its layer scale (``ls_1``). Returns [B, L, W].
+    """
+    attn = getattr(block, "attn", None)
+    if not isinstance(attn, nn.MultiheadAttention):
+        raise BackboneError(f"block_attention needs nn.MultiheadAttention blocks, got {type(attn).__name__}")
+    if mode not in ("vv", "qkv"):
+        raise ValueError(f"mode must be 'vv' or 'qkv', got {mode!r}")
+    W, H = attn.embed_dim, attn.num_heads
+    B, L, _ = x.shape
+    if attn.in_proj_weight is not None:
+        w_q, w_k, w_v = attn.in_proj_weight.chunk(3, dim=0)
+    else:  # separate projection weights (kdim/vdim != embed_dim): not used by CLIP towers
+        w_q, w_k, w_v = attn.q_proj_weight, attn.k_proj_weight, attn.v_proj_weight
+    b_q = b_k = b_v = None
+    if attn.in_proj_bias is not None:
+        b_q, b_k, b_v = attn.in_proj_bias.chunk(3, dim=0)
+
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(B, L, H, W // H).transpose(1, 2)  # [B, H, L, d]
+
+    v = heads(F.linear(x, w_v, b_v))
+    if mode == "vv":
+        q = k = v
+    else:
+        q, k = heads(F.linear(x, w_q, b_q)), heads(F.linear(x, w_k, b_k))
+    out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v
+    out = out.transpose(1, 2).reshape(B, L, W)
+    out = attn.out_proj(out)
+    ls = getattr(block, "ls_1", None)
+    return ls(out) if ls is not None else out
+
+
+@dataclass
+class VVFeatures(ImageFeatures):
+    """:class:`ImageFeatures` of the original path plus the value-value path.
+
+    ``vv_taps``: block index (1-based) -> [B, 1 + N, W] tokens of the V-V path after that
+    block (class token first), for the requested blocks at or after ``vv_start``.
+    """
+
+    vv_taps: dict[int, torch.Tensor] = field(default_factory=dict)
+    vv_start: int = 1
+
+
+def encode_image_vv(backbone: ClipBackbone, images: torch.Tensor, *, start: int = 1,
+                    layers: Sequence[int] = ()) -> VVFeatures:
+    """Run the visual tower with AnoCLIP's local-aware value-value path alongside it.
+
+    AnoCLIP (Deng et al. 2023, §3.2, Eq. 7): from block ``start`` (1-based) on, a second path
+    accumulates ``Ṽ^l = Proj(Attention(V^{l-1}, V^{l-1}, V^{l-1})) + Ṽ^{l-1}`` — the V-V
+    self-attention of each block, residual, **no FFN** — where the values ``V^{l-1}`` come
+    from the original path's ``ln_1`` tokens at that block and the path starts from the
+    original tokens entering block ``start`` (as in the authors' dual-path code). The original
+    Q-K-V path is unchanged; its projected class token is ``global_embedding``. ``layers``:
+    blocks to tap on both paths (``taps`` original, ``vv_taps`` V-V; a V-V tap needs a block
+    ``>= start``).
+    """
+    if not 1 <= start <= backbone.num_layers:
+        raise BackboneError(f"{backbone.arch}: V-V start block must be in 1..{backbone.num_layers}, "
+                            f"got {start}")
+    wanted = backbone._check_layers(layers)
+    early = sorted(i for i in wanted if i < start)
+    if early:
+        raise BackboneError(f"V-V path starts at block {start}; cannot tap it at {early}")
+    x = backbone.embed_patches(images)
+    vv: torch.Tensor | None = None
+    taps: dict[int, torch.Tensor] = {}
+    vv_taps: dict[int, torch.Tensor] = {}
+    for i, blk in enumerate(backbone.blocks, start=1):
+        if i >= start:
+            vv = (x if vv is None else vv) + block_attention(blk, blk.ln_1(x), mode="vv")
+        x = blk(x)
+        if i in wanted:
+            taps[i] = x
+            vv_taps[i] = vv
+    g = (backbone.grid_size, backbone.grid_size)
+    return VVFeatures(backbone.project_tokens(x[:, 0]), taps, g, vv_taps=vv_taps, vv_start=start)
+
+
+def window_indices(grid: tuple[int, int], size: int, stride: int = 1,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """Patch indices [n_windows, size * size] (row-major) of every ``size``×``size`` window.
+
+    Windows slide with ``stride`` over a ``grid`` = (rows, cols) patch grid, row by row.
+    """
+    rows, cols = grid
+    if not 1 <= size <= min(rows, cols):
+        raise ValueError(f"window size {size} does not fit a {rows}x{cols} patch grid")
+    idx = torch.arange(rows * cols, device=device).reshape(rows, cols)
+    win = idx.unfold(0, size, stride).unfold(1, size, stride)  # [r', c', size, size]
+    return win.reshape(-1, size * size)
+
+
+def encode_windows(backbone: ClipBackbone, tokens: torch.Tensor, windows: torch.Tensor, *,
+                   chunk: int = 4096) -> torch.Tensor:
+    """Re-encode windows of patch tokens through the whole transformer: [B, n_windows, D].
+
+    ``tokens`` [B, 1 + N, W] are the embedded input tokens (:meth:`ClipBackbone.embed_patches`:
+    patch + position embeddings, ``ln_pre``). Each window keeps the class token and its own
+    patch tokens (``windows`` [n_windows, k], patch indices), runs through every block, and is
+    read out like the image (``ln_post`` + ``proj`` on the class token) — WinCLIP's window
+    embedding (Jeong et al. 2023, §4.2). ``chunk`` bounds the sequences per forward pass.
+    """
+    B = tokens.shape[0]
+    n, k = windows.shape
+    cls = tokens[:, :1]
+    patches = tokens[:, 1:]
+    flat = windows.reshape(-1).to(tokens.device)
+    seqs = torch.cat([cls.unsqueeze(1).expand(B, n, 1, -1),
+                      patches[:, flat].reshape(B, n, k, -1)], dim=2).reshape(B * n, k + 1, -1)
+    out = []
+    for s in range(0, seqs.shape[0], chunk):
+        x = seqs[s:s + chunk]
+        for blk in backbone.blocks:
+            x = blk(x)
+        out.append(backbone.project_tokens(x[:, 0]))
+    return torch.cat(out, dim=0).reshape(B, n, -1)
