@@ -233,7 +233,7 @@ image, paths relative to `DIR`; see DESIGN §3) and prints the counts per catego
 
 def _md_row(name: str, cls: Any) -> str:
     pub = cls.published_counts or {}
-    thr = "-" if cls.mask_threshold is None else f">= {cls.mask_threshold}"
+    thr = f">= {cls.mask_threshold}" if cls.has_masks else "-"
     return (f"| `{name}` | {cls.display_name} | {cls.domain} | {cls.modality} | {len(cls.categories)} "
             f"| {pub.get('normal', '?')} | {pub.get('anomalous', '?')} | "
             f"{'yes' if cls.has_masks else 'no'} | {'yes' if cls.has_image_labels else 'no'} | {thr} |")
@@ -256,8 +256,8 @@ def _md_section(name: str, cls: Any) -> str:
         per = ", ".join(f"{c} {n}/{a}" for c, (n, a) in cls.published_category_counts.items())
         lines.append(f"* **Per category** (normal/anomalous): {per}")
     lines += [f"* **Mask pairing:** {cls.mask_rule}",
-              "* **Mask binarisation:** " + ("no masks" if cls.mask_threshold is None
-                                             else f"grey value >= {cls.mask_threshold}"),
+              "* **Mask binarisation:** " + (f"grey value >= {cls.mask_threshold}" if cls.has_masks
+                                             else "no masks"),
               "", "Layout after extraction:", "", "```", cls.layout.strip("\n"), "```", "",
               "Protocol: " + cls.protocol_notes, "",
               "<details><summary>BibTeX</summary>", "", "```bibtex", cls.bibtex.strip(), "```", "",

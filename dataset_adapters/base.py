@@ -254,8 +254,9 @@ class DatasetAdapter:
     archive_names: ClassVar[tuple[str, ...]] = ()
     #: mask binarisation: a mask pixel is anomalous iff its grey value (PIL mode "L")
     #: is >= mask_threshold. 1 = "any non-zero" (lossless masks, VisA's multi-valued
-    #: masks); 128 for JPEG or possibly lossy masks. None when the dataset has no masks.
-    mask_threshold: ClassVar[int | None] = 1
+    #: masks); 128 for JPEG or possibly lossy masks. Unused when ``has_masks`` is False
+    #: (kept an int so loaders can always pass it on).
+    mask_threshold: ClassVar[int] = 1
     #: the explicit rule that pairs an image with its mask (for docs and error messages).
     mask_rule: ClassVar[str] = ""
     #: protocol decisions of this adapter and why (rendered into docs/datasets.md).

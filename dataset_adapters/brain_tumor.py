@@ -29,7 +29,6 @@ class NoYesAdapter(DatasetAdapter):
     prompt_names: ClassVar[dict[str, str]] = {"brain": "brain"}
     has_masks: ClassVar[bool] = False
     has_image_labels: ClassVar[bool] = True
-    mask_threshold: ClassVar[int | None] = None
     validates_files: ClassVar[bool] = True
     mask_rule: ClassVar[str] = "no masks; label from the folder: no/ -> 0, yes/ -> 1"
 
@@ -63,7 +62,7 @@ class BrainMRI(NoYesAdapter):
     licence: ClassVar[str] = "See the Kaggle page (research use); do not redistribute."
     layout: ClassVar[str] = f"""\
 <root>/                             (the Kaggle zip, extracted as is)
-  {_BRAIN_DIR}/no/1 no.jpeg         (mixed .jpg .JPG .jpeg .png)
+  {_BRAIN_DIR}/no/1 no.jpeg      (mixed .jpg .JPG .jpeg .png)
   {_BRAIN_DIR}/yes/Y1.jpg
   no/  yes/                         (duplicate copies in the zip: ignored)"""
     published_counts: ClassVar[dict[str, int]] = {"normal": 98, "anomalous": 155}

@@ -43,7 +43,7 @@ DAGM_KaggleUpload/
   Class1/Train/...                   (same shape)
   ... Class1 ... Class10"""
     mask_rule: ClassVar[str] = "ClassN/<Split>/NNNN.PNG <-> ClassN/<Split>/Label/NNNN_label.PNG"
-    mask_threshold: ClassVar[int | None] = 1
+    mask_threshold: ClassVar[int] = 1
     validates_files: ClassVar[bool] = True
     published_counts: ClassVar[dict[str, int]] = {"normal": 6996, "anomalous": 1054}
     protocol_notes: ClassVar[str] = (

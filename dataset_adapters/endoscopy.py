@@ -28,7 +28,7 @@ class SegmentationSetAdapter(DatasetAdapter):
     categories: ClassVar[tuple[str, ...]] = ("colon",)
     has_masks: ClassVar[bool] = True
     has_image_labels: ClassVar[bool] = False
-    mask_threshold: ClassVar[int | None] = 128
+    mask_threshold: ClassVar[int] = 128
     validates_files: ClassVar[bool] = True
     #: (image folder, mask folder) pairs accepted, in order of preference.
     folder_pairs: ClassVar[tuple[tuple[str, str], ...]] = (("images", "masks"),)

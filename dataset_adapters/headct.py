@@ -25,7 +25,6 @@ class HeadCT(DatasetAdapter):
     prompt_names: ClassVar[dict[str, str]] = {"brain": "brain"}
     has_masks: ClassVar[bool] = False
     has_image_labels: ClassVar[bool] = True
-    mask_threshold: ClassVar[int | None] = None
     validates_files: ClassVar[bool] = True
     archive_names: ClassVar[tuple[str, ...]] = ("head-ct-hemorrhage", "HeadCT", "head_ct_hemorrhage")
     download_url: ClassVar[str] = "https://www.kaggle.com/datasets/felipekitamura/head-ct-hemorrhage"

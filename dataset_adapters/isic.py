@@ -30,7 +30,7 @@ class ISIC(DatasetAdapter):
     categories: ClassVar[tuple[str, ...]] = ("skin",)
     has_masks: ClassVar[bool] = True
     has_image_labels: ClassVar[bool] = False
-    mask_threshold: ClassVar[int | None] = 128
+    mask_threshold: ClassVar[int] = 128
     validates_files: ClassVar[bool] = True
     archive_names: ClassVar[tuple[str, ...]] = ("ISIC", "ISIC2016", "ISBI2016")
     download_url: ClassVar[str] = ("https://challenge.isic-archive.com/data/#2016 "

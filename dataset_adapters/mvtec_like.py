@@ -31,7 +31,7 @@ class MVTecLikeAdapter(DatasetAdapter):
     #: name of the folder of normal images under ``train/`` and ``test/``.
     normal_folder: ClassVar[str] = "good"
     validates_files: ClassVar[bool] = True
-    mask_threshold: ClassVar[int | None] = 1
+    mask_threshold: ClassVar[int] = 1
 
     def mask_names(self, image: Path) -> list[str]:
         """Candidate mask file names of an anomalous image (first existing one wins)."""

@@ -71,7 +71,7 @@ SDD/
   train/good/...                    (optional)"""
     mask_rule: ClassVar[str] = ("raw: kosNN/PartK.jpg <-> kosNN/PartK_label.bmp; crops: "
                                 "test/defect/X.png <-> ground_truth/defect/X_mask.png")
-    mask_threshold: ClassVar[int | None] = 1
+    mask_threshold: ClassVar[int] = 1
     validates_files: ClassVar[bool] = True
     published_counts: ClassVar[dict[str, int]] = {"normal": 286, "anomalous": 54}
     counts_source: ClassVar[str] = (

@@ -47,7 +47,7 @@ VisA/                               (VisA_20220922.tar, extracted as is)
   ... 12 category folders: candle ... pipe_fryum"""
     mask_rule: ClassVar[str] = ("<cls>/Data/Images/Anomaly/NNN.JPG <-> <cls>/Data/Masks/Anomaly/NNN.png "
                                 "(as listed in split_csv/1cls.csv)")
-    mask_threshold: ClassVar[int | None] = 1
+    mask_threshold: ClassVar[int] = 1
     validates_files: ClassVar[bool] = True
     published_counts: ClassVar[dict[str, int]] = {"normal": 962, "anomalous": 1200}
     published_category_counts: ClassVar[dict[str, tuple[int, int]]] = {

@@ -91,7 +91,7 @@ def test_metadata_complete(dataset: str) -> None:
     assert a.domain in ("industrial", "medical")
     assert a.categories and all(a.prompt_name(c) for c in a.categories)
     assert a.bibtex.lstrip().startswith("@")
-    assert (a.mask_threshold is None) == (not a.has_masks)
+    assert isinstance(a.mask_threshold, int) and 1 <= a.mask_threshold <= 255
     assert a.has_image_labels == (a.published_counts["normal"] > 0)
     assert get_adapter("mvtec").prompt_name("metal_nut") == "metal nut"
 
