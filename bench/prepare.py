@@ -204,9 +204,11 @@ image, paths relative to `DIR`; see DESIGN §3) and prints the counts per catego
   as `split="train"`.
 * **Mask binarisation** is adapter metadata (`mask_threshold`): a mask pixel is anomalous
   iff its grey value (PIL mode `L`) is `>= mask_threshold`. `1` ("any non-zero") for
-  lossless masks and for VisA, whose masks hold small per-region values; `128` for the
-  medical segmentation sets, because Kvasir-SEG's original masks are JPEG and a `> 0` rule
-  turns compression noise into ground truth. The data loader applies it.
+  lossless masks and for VisA, whose masks hold small per-region values (a `>= 128` rule
+  would erase every VisA defect); `128` for the medical segmentation sets (ISIC and the
+  polyp sets), because Kvasir-SEG's original masks are JPEG and a `> 0` rule turns
+  compression noise into ground truth. For 0/255 masks both rules agree. The data loader
+  (`bench.data`) applies it.
 * **Junk is never data**: `.DS_Store`, `Thumbs.db`, `desktop.ini`, AppleDouble `._*`
   files, `__MACOSX/`, hidden files and a stale `meta.json` (which AnomalyCLIP's scripts
   write into the data folders) are skipped, never counted as images or categories.
@@ -255,7 +257,7 @@ def _md_section(name: str, cls: Any) -> str:
     if cls.published_category_counts:
         per = ", ".join(f"{c} {n}/{a}" for c, (n, a) in cls.published_category_counts.items())
         lines.append(f"* **Per category** (normal/anomalous): {per}")
-    lines += [f"* **Mask pairing:** {cls.mask_rule}",
+    lines += [f"* **Mask pairing:** `{cls.mask_rule}`",
               "* **Mask binarisation:** " + (f"grey value >= {cls.mask_threshold}" if cls.has_masks
                                              else "no masks"),
               "", "Layout after extraction:", "", "```", cls.layout.strip("\n"), "```", "",

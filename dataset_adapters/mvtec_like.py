@@ -21,8 +21,7 @@ from typing import ClassVar
 
 from .base import DatasetAdapter, Entry, list_dirs, list_images, register_adapter, rel
 
-_NONCOMMERCIAL = ("Research use only; the licence forbids redistribution - every user downloads "
-                  "the archive from the link above.")
+_NO_REDISTRIBUTION = "do not redistribute; every user downloads the archive from the link above."
 
 
 class MVTecLikeAdapter(DatasetAdapter):
@@ -140,8 +139,8 @@ class MPDD(MVTecLikeAdapter):
     }
     archive_names: ClassVar[tuple[str, ...]] = ("MPDD", "MPDD-main", "mpdd_anomaly_detection")
     download_url: ClassVar[str] = "https://github.com/stepanje/MPDD"
-    licence: ClassVar[str] = ("See the MPDD repository (research use; the authors ask to cite "
-                              "the paper); " + _NONCOMMERCIAL)
+    licence: ClassVar[str] = ("Research use, see the terms in the MPDD repository (cite the "
+                              "paper); " + _NO_REDISTRIBUTION)
     layout: ClassVar[str] = """\
 MPDD/
   bracket_black/train/good/000.png
@@ -181,7 +180,7 @@ class BTAD(MVTecLikeAdapter):
     normal_folder: ClassVar[str] = "ok"
     archive_names: ClassVar[tuple[str, ...]] = ("BTech_Dataset_transformed", "BTAD", "btad")
     download_url: ClassVar[str] = "https://github.com/pankajmishra000/VT-ADL (BTech_Dataset_transformed.zip)"
-    licence: ClassVar[str] = "See the VT-ADL repository; " + _NONCOMMERCIAL
+    licence: ClassVar[str] = "Research use, see the terms in the VT-ADL repository; " + _NO_REDISTRIBUTION
     layout: ClassVar[str] = """\
 BTech_Dataset_transformed/
   01/train/ok/0000.bmp
