@@ -18,6 +18,7 @@ network when the weights are already on disk.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -305,13 +306,48 @@ def compose_prompts(templates: Sequence[str], states: Sequence[str], obj: str) -
     return [t.format(p) for t in templates for p in phrases]
 
 
+#: Raw (unnormalised) text embeddings per backbone and sentence; frozen towers make them
+#: reusable by every method instance and job of a run.
+_PROMPT_CACHE: weakref.WeakKeyDictionary[ClipBackbone, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def _encode_tokens_truncated(backbone: ClipBackbone, tokens: torch.Tensor) -> torch.Tensor:
+    """CLIP's text tower on tokens [T, L] cut after the longest end-of-text: [T, D] raw.
+
+    The causal mask makes every position depend only on earlier ones, so dropping the padding
+    after the last end-of-text token leaves the pooled (end-of-text) features unchanged while
+    the sequences get ~5x shorter than the 77-token context.
+    """
+    m = backbone.model
+    eot = tokens.argmax(dim=-1)
+    L = int(eot.max()) + 1
+    x = m.token_embedding(tokens[:, :L]) + m.positional_embedding[:L].to(m.token_embedding.weight.dtype)
+    mask = m.attn_mask[:L, :L] if m.attn_mask is not None else None
+    for blk in m.transformer.resblocks:
+        x = blk(x, attn_mask=mask)
+    x = m.ln_final(x)
+    pooled = x[torch.arange(x.shape[0], device=x.device), eot]
+    proj = m.text_projection
+    return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+
+
 @torch.no_grad()
 def encode_prompts(backbone: ClipBackbone, texts: Sequence[str], *, normalize: bool = True,
-                   batch_size: int = 256) -> torch.Tensor:
-    """Text embeddings [T, D] of ``texts``, encoded in chunks (large prompt sets fit in memory)."""
-    out = [backbone.encode_text(list(texts[i:i + batch_size]), normalize=normalize)
-           for i in range(0, len(texts), batch_size)]
-    return torch.cat(out, dim=0)
+                   batch_size: int = 256, cache: bool = True) -> torch.Tensor:
+    """Text embeddings [T, D] of ``texts`` (the same as :meth:`ClipBackbone.encode_text`).
+
+    Encoded in chunks with the padding after the end-of-text token cut off (exact under the
+    causal mask), and cached per backbone and sentence (``cache=False`` bypasses the cache).
+    """
+    texts = list(texts)
+    store = _PROMPT_CACHE.setdefault(backbone, {}) if cache else {}
+    todo = list(dict.fromkeys(t for t in texts if t not in store))
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i:i + batch_size]
+        for t, e in zip(chunk, _encode_tokens_truncated(backbone, backbone.tokenize(chunk)), strict=True):
+            store[t] = e
+    out = torch.stack([store[t] for t in texts]) if texts else torch.empty(0, backbone.embed_dim)
+    return F.normalize(out, dim=-1) if normalize else out
 
 
 def ensemble_mean(embeddings: torch.Tensor, *, normalize_each: bool = True) -> torch.Tensor:
