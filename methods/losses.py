@@ -6,6 +6,12 @@
   clamped to ``[smooth, 1 - smooth]`` and ``p_t`` offset by ``smooth``.
 * :func:`dice_loss` — soft binary Dice loss (Milletari et al. 2016) per sample,
   ``1 - (2 |X∩Y| + s) / (|X| + |Y| + s)``, averaged over the batch.
+* :func:`segmentation_loss` — AnomalyCLIP's local loss on one map (focal + two Dice terms).
+* :func:`hinge_loss` — the margin loss of MPA/MPAMA (§3.2, the L_hinge equation) and
+  TokenCLIP (§3.3): mean over normal pixels of ``max(S - δ_n, 0)`` plus mean over anomalous
+  pixels of ``max(δ_a - S, 0)``.
+* :func:`orthogonality_loss` — TokenCLIP's regulariser (§3.1, Eq. 4) on K embeddings:
+  ``|| Ĝ Ĝ^T - I ||_F^2`` with ``Ĝ`` the L2-normalised rows (zero iff they are orthonormal).
 
 Both accept any trailing spatial shape; none of them reduces over anything but the batch
 (and, for focal, the pixels).
@@ -62,3 +68,39 @@ def segmentation_loss(probs: torch.Tensor, mask: torch.Tensor, *, gamma: float =
     m = (mask > 0.5).to(probs.dtype)
     return (focal_loss(probs, m, gamma=gamma) + dice_loss(probs[:, 1], m)
             + dice_loss(probs[:, 0], 1.0 - m))
+
+
+def hinge_loss(scores: torch.Tensor, mask: torch.Tensor, *, delta_n: float = 0.5,
+               delta_a: float = 0.5) -> torch.Tensor:
+    """Margin loss pushing normal scores below ``delta_n`` and anomalous ones above ``delta_a``.
+
+    ``scores`` [B, ...] anomaly scores in [0, 1] (e.g. the upsampled anomalous-class map),
+    ``mask`` [B, ...] in {0, 1}. ``N_0``/``N_1`` are all normal/anomalous pixels of the batch;
+    a term whose set is empty contributes 0 (MPA §3.2, with δ_a = δ_n = 0.5 in §4.1).
+    """
+    m = mask > 0.5
+    s = scores.reshape(m.shape) if scores.shape != m.shape else scores
+    zero = s.sum() * 0.0
+    normal = (s[~m] - delta_n).clamp_min(0).mean() if (~m).any() else zero
+    anomalous = (delta_a - s[m]).clamp_min(0).mean() if m.any() else zero
+    return normal + anomalous
+
+
+def orthogonality_loss(embeddings: torch.Tensor, *, reduction: str = "sum") -> torch.Tensor:
+    """Orthogonality regulariser ``|| Ĝ Ĝ^T - I ||_F^2`` over the last two dims.
+
+    ``embeddings`` [..., K, D]; rows are L2-normalised first, so the diagonal of the Gram
+    matrix is 1 and the loss is the sum of squared cosines between distinct rows (``"sum"``,
+    TokenCLIP Eq. 4) or their mean over the K(K-1) ordered pairs (``"mean"``). Leading
+    dimensions (e.g. the normal/anomalous class) are summed (``"sum"``) or averaged.
+    """
+    g = F.normalize(embeddings, dim=-1)
+    K = g.shape[-2]
+    gram = g @ g.transpose(-1, -2)
+    eye = torch.eye(K, dtype=g.dtype, device=g.device)
+    sq = (gram - eye).pow(2).sum(dim=(-1, -2))
+    if reduction == "sum":
+        return sq.sum()
+    if reduction == "mean":
+        return sq.mean() / max(K * (K - 1), 1)
+    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")

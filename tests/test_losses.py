@@ -70,3 +70,42 @@ def test_losses_backprop() -> None:
     losses.segmentation_loss(logits.softmax(1), mask).backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
     assert not math.isnan(float(logits.grad.abs().sum()))
+
+
+def test_hinge_loss_margins() -> None:
+    mask = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    scores = torch.tensor([[0.2, 0.7, 0.9, 0.1]])
+    # normal: mean(max(0.2-0.5,0), max(0.7-0.5,0)) = 0.1; anomalous: mean(0, 0.4) = 0.2
+    assert losses.hinge_loss(scores, mask) == pytest.approx(0.3, abs=1e-6)
+    # other margins
+    assert losses.hinge_loss(scores, mask, delta_n=0.1, delta_a=0.95) == pytest.approx(
+        (0.1 + 0.6) / 2 + (0.05 + 0.85) / 2, abs=1e-6)
+    # separated beyond the margins -> zero; a set that is empty contributes nothing
+    assert losses.hinge_loss(torch.tensor([[0.1, 0.4, 0.6, 0.9]]), mask) == 0
+    assert losses.hinge_loss(torch.tensor([[0.7, 0.9]]), torch.zeros(1, 2)) == pytest.approx(0.3)
+    assert losses.hinge_loss(torch.tensor([[0.2]]), torch.ones(1, 1)) == pytest.approx(0.3)
+
+
+def test_hinge_loss_gradient_only_on_violations() -> None:
+    scores = torch.tensor([[0.2, 0.7, 0.9, 0.1]], requires_grad=True)
+    losses.hinge_loss(scores, torch.tensor([[0.0, 0.0, 1.0, 1.0]])).backward()
+    assert torch.allclose(scores.grad, torch.tensor([[0.0, 0.5, 0.0, -0.5]]))
+
+
+def test_orthogonality_loss_zero_for_orthogonal_inputs() -> None:
+    q, _ = torch.linalg.qr(torch.randn(16, 16))
+    ortho = q[:4] * torch.tensor([[2.0], [0.5], [3.0], [1.0]])   # orthogonal, any norms
+    assert losses.orthogonality_loss(ortho) == pytest.approx(0.0, abs=1e-10)
+    assert losses.orthogonality_loss(torch.stack([ortho, ortho[[1, 0, 3, 2]]])) == pytest.approx(0.0, abs=1e-10)
+    assert losses.orthogonality_loss(ortho, reduction="mean") == pytest.approx(0.0, abs=1e-10)
+
+
+def test_orthogonality_loss_values() -> None:
+    same = torch.ones(3, 8)               # all cosines 1: 6 off-diagonal entries of 1
+    assert losses.orthogonality_loss(same) == pytest.approx(6.0)
+    assert losses.orthogonality_loss(same, reduction="mean") == pytest.approx(1.0)
+    two = torch.tensor([[1.0, 0.0], [1.0, 1.0]])   # cos 45 deg: 2 * 0.5
+    assert losses.orthogonality_loss(two) == pytest.approx(1.0, abs=1e-6)
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    losses.orthogonality_loss(x).backward()
+    assert torch.isfinite(x.grad).all()
