@@ -41,7 +41,7 @@ DAGM_KaggleUpload/
   Class1/Test/Label/Labels.txt
   Class1/Test/Label/0002_label.PNG   (only defective images have one)
   Class1/Train/...                   (same shape)
-  ... Class1 ... Class10"""
+  ... Class1 ... Class10             (ClassN/ClassN/Test/... is accepted too)"""
     mask_rule: ClassVar[str] = "ClassN/<Split>/NNNN.PNG <-> ClassN/<Split>/Label/NNNN_label.PNG"
     mask_threshold: ClassVar[int] = 1
     validates_files: ClassVar[bool] = True
@@ -63,13 +63,24 @@ DAGM_KaggleUpload/
 }"""
 
     def matches(self, folder: Path) -> bool:
-        return any(_CLASS.match(d.name) and child(d, "Test") is not None for d in list_dirs(folder))
+        return any(_CLASS.match(d.name) and child(self._class_dir(d), "Test") is not None
+                   for d in list_dirs(folder))
+
+    @staticmethod
+    def _class_dir(cdir: Path) -> Path:
+        """``ClassN`` itself, or ``ClassN/ClassN`` when a per-class zip was unpacked into it."""
+        if child(cdir, "Test") is None:
+            inner = child(cdir, cdir.name)
+            if inner is not None and child(inner, "Test") is not None:
+                return inner
+        return cdir
 
     def entries(self, folder: Path) -> list[Entry]:
         present = {d.name.lower(): d for d in list_dirs(folder) if _CLASS.match(d.name)}
         out: list[Entry] = []
         for category in self.categories:
             cdir = present.get(category.lower())
+            cdir = self._class_dir(cdir) if cdir is not None else None
             if cdir is None:
                 self.problem(folder / category, f"category folder '{category}' missing",
                              f"re-download the complete archive ({self.download_url})")

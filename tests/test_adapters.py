@@ -161,6 +161,21 @@ def test_sdd_already_derived_copy(tmp_path: Path) -> None:
     assert set(df["split"]) == {"test"}
 
 
+def test_dagm_per_class_zip_nesting(tmp_path: Path) -> None:
+    """ClassN/ClassN/{Train,Test} (a per-class zip unpacked into ClassN/) is read too."""
+    exp = fx.make_dagm(tmp_path)
+    top = exp.path("Class4")
+    inner = tmp_path / "tmp_class4"
+    top.rename(inner)
+    top.mkdir()
+    inner.rename(top / "Class4")
+    df, _ = prepare_dataset("dagm", tmp_path)
+    nested = {(c, s, i.replace("Class4/", "Class4/Class4/", 1) if c == "Class4" else i,
+               m.replace("Class4/", "Class4/Class4/", 1) if (m and c == "Class4") else m, lab, d)
+              for c, s, i, m, lab, d in exp.rows}
+    assert _rows(df) == nested
+
+
 def test_brainmri_duplicates_not_counted_twice(tmp_path: Path) -> None:
     fx.make_brainmri(tmp_path)
     df, _ = prepare_dataset("brainmri", tmp_path)
