@@ -24,6 +24,8 @@ overrides), the seeds and the auxiliary -> targets transfers. Built-in protocols
     image_size = 240
     [datasets.mvtec]                      # optional per-dataset data roots
     root = "/data/mvtec_anomaly_detection"
+    [few_shot]                            # k normal references per category, few-shot methods
+    afclip_plus = [1, 2, 4]               # (default [1]); each k is its own job
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class Protocol:
     hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
     backbones: dict[str, BackboneSpec] = field(default_factory=dict)
     datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    few_shot: dict[str, list[int]] = field(default_factory=dict)
     run: dict[str, Any] = field(default_factory=dict)
     source: str = ""
 
@@ -134,7 +137,7 @@ def load(name_or_path: str | Path) -> Protocol:
     except tomllib.TOMLDecodeError as err:
         raise ProtocolError(f"{path}: not valid TOML ({err})") from err
     known = {"name", "description", "seeds", "methods", "backbone", "run", "transfers",
-             "hparams", "backbones", "datasets"}
+             "hparams", "backbones", "datasets", "few_shot"}
     unknown = set(raw) - known
     if unknown:
         raise ProtocolError(f"{path}: unknown top-level keys {sorted(unknown)}; known: {sorted(known)}")
@@ -152,6 +155,10 @@ def load(name_or_path: str | Path) -> Protocol:
         if "aux" not in t or not t.get("targets"):
             raise ProtocolError(f"{path}: transfers[{i}] needs 'aux' and a non-empty 'targets' list")
         transfers.append(Transfer(str(t["aux"]), tuple(str(x) for x in t["targets"])))
+    few_shot = {str(k): list(v) for k, v in raw.get("few_shot", {}).items()}
+    for k, v in few_shot.items():
+        if not v or not all(isinstance(x, int) and x > 0 for x in v):
+            raise ProtocolError(f"{path}: [few_shot] {k} must be a list of positive integers (shots)")
     proto = Protocol(
         name=str(raw.get("name", path.stem)),
         backbone=_spec(raw["backbone"], f"{path} [backbone]"),
@@ -161,6 +168,7 @@ def load(name_or_path: str | Path) -> Protocol:
         hparams={k: dict(v) for k, v in raw.get("hparams", {}).items()},
         backbones={k: _spec(v, f"{path} [backbones.{k}]") for k, v in raw.get("backbones", {}).items()},
         datasets={k: dict(v) for k, v in raw.get("datasets", {}).items()},
+        few_shot=few_shot,
         run=dict(raw.get("run", {})),
         source=str(path),
     )
@@ -188,7 +196,7 @@ def validate(proto: Protocol, *, methods: list[str], datasets: list[str]) -> Pro
     if unknown:
         raise ProtocolError(f"{proto.source}: unknown methods {unknown}. Registered: "
                             f"{', '.join(methods)} (add one with --plugin FILE.py)")
-    for section in (proto.hparams, proto.backbones):
+    for section in (proto.hparams, proto.backbones, proto.few_shot):
         extra = [m for m in section if m not in methods]
         if extra:
             raise ProtocolError(f"{proto.source}: settings for unknown methods {extra}")

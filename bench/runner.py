@@ -30,7 +30,7 @@ from bench import manifest as mf
 from bench import metrics
 from bench import protocol as protocol_mod
 from bench.backbone import ClipBackbone, load_clip
-from bench.data import DEFAULT_MASK_THRESHOLD, ManifestDataset, make_loader
+from bench.data import DEFAULT_MASK_THRESHOLD, ManifestDataset, collate, make_loader
 from bench.registry import ADAPTERS, METHODS, create_method, get_adapter
 from bench.results import ResultStore, environment
 
@@ -78,9 +78,11 @@ def expand(proto: protocol_mod.Protocol, seeds: list[int] | None = None) -> list
     jobs = []
     for name in order:
         cls = METHODS.get(name)
+        shots = proto.few_shot.get(name, [1]) if cls.few_shot else [0]
         for t in proto.transfers:
             for s in seeds if cls.is_seeded() else seeds[:1]:
-                jobs.append(Job(name, t.aux, s, t.targets))
+                for k in shots:
+                    jobs.append(Job(name, t.aux, s, t.targets, shots=k))
     return jobs
 
 
@@ -243,16 +245,16 @@ class Runner:
         seed_everything(job.seed)
         method = create_method(name, bb, **hp)
         method.to(bb.device)
-        if not cls.trains:
-            return method
-        ckpt = self.store.load_checkpoint(job.id)
+        ckpt = self.store.load_checkpoint(self.checkpoint_id(job)) if cls.trains else None
         if ckpt is not None:
             method.load_state_dict({k: v.to(bb.device) for k, v in ckpt[0].items()})
             return method
-        if cls.requires:
-            dep_job = Job(cls.requires, job.aux, job.seed, job.targets)
-            dep = self.trained_method(dep_job)
+        if cls.requires:  # start from the other method's trained state (same aux, same seed)
+            dep = self.trained_method(Job(cls.requires, job.aux, job.seed, job.targets))
             method.init_from(dep.state_dict())
+            seed_everything(job.seed)
+        if not cls.trains:
+            return method
         aux = self.dataset(job.aux)
         rows = aux.manifest[aux.manifest["split"] == "test"]
         ds = aux.torch_dataset(rows, bb.image_size)
@@ -262,11 +264,16 @@ class Runner:
         t0 = time.perf_counter()
         method.fit(loader, epochs=hp.get("epochs", cls.default_hparams.get("epochs")), seed=job.seed,
                    progress=_progress(self.progress))
-        digest = self.store.save_checkpoint(job.id, method.state_dict())
-        self.store.write_provenance({"checkpoints": {job.id: {
+        digest = self.store.save_checkpoint(self.checkpoint_id(job), method.state_dict())
+        self.store.write_provenance({"checkpoints": {self.checkpoint_id(job): {
             "sha256": digest, "train_seconds": round(time.perf_counter() - t0, 3),
             "learnable_params": method.learnable_parameters()}}})
         return method
+
+    @staticmethod
+    def checkpoint_id(job: Job) -> str:
+        """Training does not depend on the targets' shots: one checkpoint per method/aux/seed."""
+        return Job(job.method, job.aux, job.seed, job.targets).id
 
     def run_job(self, job: Job) -> int:
         done = self.store.done_units()
@@ -290,8 +297,20 @@ class Runner:
         adapter = target.adapter
         image_level = bool(getattr(adapter, "has_image_labels", True))
         pixel_level = bool(getattr(adapter, "has_masks", True))
+        if job.shots:
+            train = target.manifest[(target.manifest["split"] == "train") & (target.manifest["label"] == 0)]
+            if train.empty:
+                log.warning("%s has no normal training images: no %d-shot records for %s",
+                            target.name, job.shots, job.method)
+                return []
         for category in sorted(test["category"].unique()):
             rows = test[test["category"] == category]
+            if job.shots:
+                support = self.support_rows(target, category, job)
+                if support is None:
+                    continue
+                ds_support = target.torch_dataset(support, bb.image_size)
+                method.set_support(collate([ds_support[i] for i in range(len(ds_support))]))
             ds = target.torch_dataset(rows, bb.image_size)
             loader = make_loader(ds, batch_size=bs, shuffle=False)
             scores, maps, labels, masks = [], [], [], []
@@ -316,6 +335,23 @@ class Runner:
                 self._save_gallery(job, target.name, category, rows, lab, m, gt)
         return records
 
+    def support_rows(self, target: DatasetHandle, category: str, job: Job) -> pd.DataFrame | None:
+        """k normal training images of ``category``, drawn with the job's seed.
+
+        Only ``split == "train"`` rows are candidates, so references never overlap the
+        evaluated (test) images. The draw depends on (seed, dataset, category) alone.
+        """
+        m = target.manifest
+        pool = m[(m["split"] == "train") & (m["label"] == 0) & (m["category"] == category)]
+        if len(pool) < job.shots:
+            log.warning("%s/%s has %d normal training images, fewer than %d shots: skipped",
+                        target.name, category, len(pool), job.shots)
+            return None
+        pool = pool.sort_values("image")
+        rng = np.random.default_rng([job.seed, hash_str(f"{target.name}/{category}") % 2**32])
+        pick = np.sort(rng.choice(len(pool), size=job.shots, replace=False))
+        return pool.iloc[pick]
+
     def _save_gallery(self, job: Job, dataset: str, category: str, rows: pd.DataFrame,
                       labels: np.ndarray, maps: np.ndarray, masks: np.ndarray) -> None:
         """Keep a few maps (same images for every method: selection seeded by name only)."""
@@ -331,7 +367,8 @@ class Runner:
                                                 align_corners=False)[:, 0].numpy()
         gt = torch.from_numpy(masks[pick].astype(np.float32))[:, None]
         gt = torch.nn.functional.interpolate(gt, size=(GALLERY_SIZE, GALLERY_SIZE), mode="nearest")[:, 0]
-        path = self.store.dir / "maps" / f"{job.method}__{job.aux}__{dataset}__{category}.npz"
+        shots = f"-k{job.shots}" if job.shots else ""
+        path = self.store.dir / "maps" / f"{job.method}{shots}__{job.aux}__{dataset}__{category}.npz"
         np.savez_compressed(path, maps=small.astype(np.float16), masks=gt.numpy().astype(bool),
                             images=np.array([rows.iloc[i]["image"] for i in pick]),
                             labels=labels[pick], root=str(self.dataset(dataset).root))

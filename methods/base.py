@@ -64,6 +64,9 @@ class Method:
       unseeded methods run once, seeded ones with every protocol seed;
     * ``requires`` — name of a method whose trained state (same aux and seed) this one
       starts from; the runner passes it to :meth:`init_from` before :meth:`fit`;
+    * ``few_shot`` — needs k normal reference images of each target category: the runner
+      calls :meth:`set_support` before predicting that category (k from the protocol's
+      ``[few_shot]`` table; records carry ``shots = k``);
     * ``default_hparams`` — the paper's settings; the protocol may override any of them.
     """
 
@@ -71,6 +74,7 @@ class Method:
     trains: ClassVar[bool] = False
     seeded: ClassVar[bool | None] = None
     requires: ClassVar[str | None] = None
+    few_shot: ClassVar[bool] = False
     paper: ClassVar[str] = ""
     bibtex: ClassVar[str] = ""
     default_hparams: ClassVar[dict[str, Any]] = {}
@@ -107,6 +111,11 @@ class Method:
 
     def predict(self, batch: dict[str, Any]) -> Prediction:
         raise NotImplementedError
+
+    def set_support(self, batch: dict[str, Any]) -> None:
+        """Few-shot methods: the k normal reference images of the category about to be predicted."""
+        raise NotImplementedError(f"{type(self).__name__} declares few_shot but does not "
+                                  "implement set_support")
 
     def init_from(self, state: dict[str, torch.Tensor]) -> None:
         """Start from the trained state of ``self.requires`` (same aux, same seed)."""
@@ -191,6 +200,10 @@ def check_method(cls: type[Method], backbone: Any = None, **hparams: Any) -> Non
     S = backbone.image_size
     batches = _toy_batches(S)
     epochs = hparams.pop("epochs", 1)
+    # few-shot methods: k = 2 normal reference images (toy batch with labels and masks cleared)
+    support = _toy_batches(S, n_batches=1, batch_size=2, seed=99)[0]
+    support["label"] = torch.zeros_like(support["label"])
+    support["mask"] = torch.zeros_like(support["mask"])
 
     def build_and_fit(seed: int) -> Method:
         _seed_all(seed)
@@ -206,6 +219,8 @@ def check_method(cls: type[Method], backbone: Any = None, **hparams: Any) -> Non
 
     def run(m: Method, seed: int = 123) -> list[Prediction]:
         _seed_all(seed)
+        if cls.few_shot:
+            m.set_support(support)
         with torch.no_grad() if not cls.is_seeded() else torch.enable_grad():
             return [m.predict(b).detach() for b in batches]
 

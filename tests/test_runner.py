@@ -175,3 +175,72 @@ def test_job_ids_are_stable():
     assert j.id == "m__a__s3" and j.unit("t") == "m__a__s3__t"
     assert Job("m", "a", 3, ("t",), shots=2).id == "m__a__s3__k2"
     assert "clip" in METHODS
+
+
+FEW_SHOT_PLUGIN = '''
+import torch
+import torch.nn.functional as F
+from methods.base import Method, Prediction, register
+
+SEEN = []
+
+@register("nn_probe")
+class NNProbe(Method):
+    """Few-shot nearest-neighbour distance to the reference patches (test plugin)."""
+    seeded = True
+    few_shot = True
+
+    def _patches(self, images):
+        bb = self.backbone
+        t = bb.encode_image(images, layers=[bb.num_layers]).taps[bb.num_layers][:, 1:]
+        return F.normalize(bb.project_tokens(t), dim=-1)
+
+    def set_support(self, batch):
+        SEEN.append((batch["category"], batch["path"], batch["label"].tolist()))
+        with torch.no_grad():
+            self.bank = self._patches(batch["image"]).flatten(0, 1)
+
+    @torch.no_grad()
+    def predict(self, batch):
+        p = self._patches(batch["image"])
+        d = 1 - (p @ self.bank.T).amax(-1)
+        g = self.backbone.grid_size
+        maps = F.interpolate(d.reshape(-1, 1, g, g), size=batch["image"].shape[-2:], mode="bilinear")[:, 0]
+        return Prediction(maps.flatten(1).amax(1), maps)
+'''
+
+
+def test_few_shot_jobs_draw_seeded_references_from_train_split(tmp_path: Path, data_copy: Path):
+    plugin = tmp_path / "nn_probe.py"
+    plugin.write_text(FEW_SHOT_PLUGIN)
+    load_plugin(plugin)
+    import sys
+
+    mod = next(m for n, m in sys.modules.items() if n.startswith("zsad_plugin_nn_probe"))
+    proto = prepare_protocol(str(write_protocol(tmp_path / "p.toml", methods='["nn_probe"]',
+                                                extra="[few_shot]\nnn_probe = [1, 2]\n")))
+    jobs = expand(proto)
+    assert [(j.seed, j.shots) for j in jobs] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    Runner(proto, tmp_path / "R", data_copy, progress=False).run(jobs)
+    df = results.load(tmp_path / "R")
+    assert sorted(df["shots"].unique()) == [1, 2]
+    from bench import manifest as mf
+
+    man = mf.read(mf.manifest_path(data_copy / "demo_target", "demo_target"))
+    train_normals = set(man[(man["split"] == "train") & (man["label"] == 0)]["image"])
+    test_images = set(man[man["split"] == "test"]["image"])
+    seen = list(mod.SEEN)
+    assert seen and all(set(paths) <= train_normals and not set(paths) & test_images
+                        for _, paths, _ in seen)
+    assert all(set(labels) == {0} for _, _, labels in seen)
+    assert all(len(set(cats)) == 1 for cats, _, _ in seen)
+    # the same (seed, shots, category) draws the same references in a fresh run
+    first = list(seen)
+    mod.SEEN.clear()
+    Runner(proto, tmp_path / "R2", data_copy, progress=False).run(jobs)
+    assert mod.SEEN == first
+    # different seeds draw different references somewhere
+    by_seed = {}
+    for j, (cats, paths, _) in zip([jb for jb in jobs for _ in range(3)], first, strict=True):
+        by_seed.setdefault((j.shots, cats[0]), []).append(tuple(paths))
+    assert any(len(set(v)) > 1 for v in by_seed.values())
