@@ -135,6 +135,17 @@ SDD/
         return out
 
     # -- derivation from the raw release ---------------------------------------------
+    @staticmethod
+    def _clear(out: Path, marker: Path) -> None:
+        """Empty (or create) the crop folders; the marker goes first so a crash re-derives."""
+        if marker.is_file():
+            marker.unlink()
+        for sub in ("train/good", "test/good", "test/defect", "ground_truth/defect"):
+            d = out / sub
+            d.mkdir(parents=True, exist_ok=True)
+            for old in d.glob("*.png"):
+                old.unlink()
+
     def _raw_pairs(self, folder: Path) -> list[tuple[str, Path, Path]]:
         """(crop stem prefix, image, label) of every raw part; problems for broken pairs."""
         pairs = []
@@ -211,13 +222,11 @@ SDD/
         train, _test = train_test_split(normal, test_size=0.25, random_state=42)
         train_set = set(train)
         # pass 2: write the crops, one source image in memory at a time
-        if marker.is_file():
-            marker.unlink()
-        for sub in ("train/good", "test/good", "test/defect", "ground_truth/defect"):
-            d = out / sub
-            d.mkdir(parents=True, exist_ok=True)
-            for old in d.glob("*.png"):
-                old.unlink()
+        try:
+            self._clear(out, marker)
+        except OSError as err:
+            raise ManifestError(f"{out}: cannot write the derived crops ({err})\n  fix: make the "
+                                "dataset folder writable (prepare writes sdd_crops/ next to kosNN/)") from err
         by_pair: dict[int, list[tuple[str, int, bool]]] = {}
         for name, k, i, anomalous in crops:
             by_pair.setdefault(k, []).append((name, i, anomalous))
@@ -227,16 +236,23 @@ SDD/
                 with Image.open(img_path) as im, Image.open(lab_path) as lab:
                     im.load()
                     lab = lab.convert("L")
-                    boxes = crop_boxes(im.size[1], im.size[0])
-                    for name, i, anomalous in items:
-                        if anomalous:
-                            im.crop(boxes[i]).save(out / "test" / "defect" / f"{name}.png")
-                            lab.crop(boxes[i]).save(out / "ground_truth" / "defect" / f"{name}_mask.png")
-                        else:
-                            sub = "train" if name in train_set else "test"
-                            im.crop(boxes[i]).save(out / sub / "good" / f"{name}.png")
             except OSError as err:
                 self.problem(img_path, f"unreadable or truncated image ({err})", self.redownload_fix())
+                continue
+            boxes = crop_boxes(im.size[1], im.size[0])
+            for name, i, anomalous in items:
+                if anomalous:
+                    targets = [(im, out / "test" / "defect" / f"{name}.png"),
+                               (lab, out / "ground_truth" / "defect" / f"{name}_mask.png")]
+                else:
+                    sub = "train" if name in train_set else "test"
+                    targets = [(im, out / sub / "good" / f"{name}.png")]
+                for src, dst in targets:
+                    try:
+                        src.crop(boxes[i]).save(dst)
+                    except OSError as err:
+                        raise ManifestError(f"{dst}: cannot write a derived crop ({err})\n  fix: make "
+                                            f"{out} writable and free some disk space") from err
         self.raise_problems()
         marker.write_text(json.dumps(signature))
         return out

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bench.manifest import COLUMNS, DATASET_IDS, manifest_path, read
+from bench.manifest import COLUMNS, DATASET_IDS, ManifestError, manifest_path, read
 from bench.prepare import check_counts, format_counts, layouts_help, prepare_dataset, render_docs
 from bench.registry import ADAPTERS, get_adapter
 
@@ -152,6 +152,27 @@ def test_sdd_raw_derivation(tmp_path: Path) -> None:
     df2, _ = prepare_dataset("sdd", tmp_path)
     pd.testing.assert_frame_equal(df, df2)
     assert {p: p.stat().st_mtime_ns for p in crops.rglob("*.png")} == before
+
+
+def test_sdd_rederives_when_raw_files_change(tmp_path: Path) -> None:
+    exp, _ = fx.make_sdd_raw(tmp_path)
+    df, _ = prepare_dataset("sdd", tmp_path)
+    exp.path("kos04/Part2.jpg").unlink()
+    exp.path("kos04/Part2_label.bmp").unlink()
+    df2, _ = prepare_dataset("sdd", tmp_path)
+    assert len(df2) == len(df) - 3
+    assert not df2["image"].str.contains("kos04_Part2").any()
+    assert not list((tmp_path / "KolektorSDD" / "sdd_crops").rglob("kos04_Part2_*"))
+
+
+def test_sdd_refuses_to_overwrite_a_foreign_crops_folder(tmp_path: Path) -> None:
+    fx.make_sdd_raw(tmp_path)
+    own = tmp_path / "KolektorSDD" / "sdd_crops"
+    own.mkdir()
+    (own / "notes.txt").write_text("mine")
+    with pytest.raises(ManifestError, match="not written by zsad-bench"):
+        prepare_dataset("sdd", tmp_path)
+    assert (own / "notes.txt").read_text() == "mine"
 
 
 def test_sdd_already_derived_copy(tmp_path: Path) -> None:
