@@ -107,6 +107,26 @@ def test_metadata_complete(dataset: str) -> None:
     assert get_adapter("mvtec").prompt_name("metal_nut") == "metal nut"
 
 
+def test_archive_names_are_unambiguous() -> None:
+    """``data/<id>/`` (the runner's default root) is never mistaken for another dataset."""
+    from dataset_adapters.base import norm_name
+
+    owner: dict[str, str] = {}
+    for name in DATASET_IDS:
+        names = {norm_name(n) for n in get_adapter(name).archive_names}
+        assert norm_name(name) in names, f"{name}: add '{name}' to archive_names"
+        for n in names:
+            assert owner.setdefault(n, name) == name, f"archive name {n!r} in {owner[n]} and {name}"
+
+
+@pytest.mark.parametrize("dataset", DATASET_IDS)
+def test_runner_style_root_named_like_the_id(dataset: str, tmp_path: Path) -> None:
+    root = tmp_path / dataset
+    exp = fx.MAKERS[dataset](root)
+    df, _ = prepare_dataset(dataset, root)
+    assert _rows(df) == exp.as_set()
+
+
 def test_mask_thresholds() -> None:
     assert get_adapter("visa").mask_threshold == 1  # multi-valued masks: any non-zero
     assert get_adapter("kvasir").mask_threshold == 128  # JPEG masks
