@@ -32,26 +32,21 @@ Our choices and deviations (also in ``docs/methods.md``):
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Method, Prediction, register
+from methods.base import Prediction, register
 from methods.losses import segmentation_loss
 from methods.prompt_learning import (
-    REFERENCE_TEXT_DEPTH,
     DeepTextPrompts,
+    PromptMethodBase,
     PromptTemplate,
-    dpam_features,
     encode_text,
     gaussian_blur,
     init_context,
-    scale_layer,
-    scale_layers,
     similarity_map,
     two_class_logits,
 )
@@ -73,85 +68,6 @@ class ObjectAgnosticPrompts(nn.Module):
 
     def contexts(self) -> torch.Tensor:
         return torch.stack([self.ctx_normal, self.ctx_anomalous])        # [2, n_ctx, W]
-
-
-@dataclass
-class _FeatureCache:
-    budget: int
-    bytes: int = 0
-    store: dict[bytes, tuple[torch.Tensor, dict[int, torch.Tensor]]] = field(default_factory=dict)
-
-
-class PromptMethodBase(Method):
-    """Common plumbing of the learnable-prompt methods: layer mapping, DPAM features, fit loop."""
-
-    trains = True
-
-    def _visual_layers(self) -> tuple[int, list[int]]:
-        """(DPAM start block, tapped blocks) on this backbone (proportional mapping)."""
-        bb = self.backbone
-        start = scale_layer(int(self.hparams.get("dpam_start", 0)), bb.num_layers)
-        layers = scale_layers(self.hparams.get("feature_layers", [24]), bb.num_layers)
-        if start:
-            layers = [max(layer, start) for layer in layers]
-            layers = list(dict.fromkeys(layers))
-        return start, layers
-
-    def _deep_depth(self) -> int:
-        return scale_layer(int(self.hparams.get("deep_depth", 0)), self.backbone.text_layers,
-                           REFERENCE_TEXT_DEPTH)
-
-    def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Frozen visual features (global [B, D], {layer: patch tokens [B, N, D]}).
-
-        During :meth:`fit` they are cached per image content (the visual path is frozen and
-        deterministic, so epochs 2… reuse epoch 1's forward passes), up to
-        ``feature_cache_mb`` megabytes; the cache is dropped when training ends.
-        """
-        start, layers = self._visual_layers()
-        cache = getattr(self, "_feature_cache", None)
-        if cache is None:
-            return dpam_features(self.backbone, images.to(self.device), start=start, layers=layers)
-        keys = [hashlib.blake2b(im.detach().cpu().numpy().tobytes(), digest_size=16).digest()
-                for im in images]
-        if all(k in cache.store for k in keys):
-            items = [cache.store[k] for k in keys]
-            glob = torch.stack([g for g, _ in items])
-            return glob, {ly: torch.stack([p[ly] for _, p in items]) for ly in layers}
-        glob, patches = dpam_features(self.backbone, images.to(self.device), start=start, layers=layers)
-        per_image = glob[0].numel() + sum(p[0].numel() for p in patches.values())
-        for i, k in enumerate(keys):
-            if cache.bytes + 4 * per_image > cache.budget:
-                break
-            cache.store[k] = (glob[i].clone(), {ly: p[i].clone() for ly, p in patches.items()})
-            cache.bytes += 4 * per_image
-        return glob, patches
-
-    def training_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def parameters_to_train(self) -> list[nn.Parameter]:
-        assert self.head is not None
-        return [p for p in self.head.parameters() if p.requires_grad]
-
-    def fit(self, aux_loader, *, epochs: int | None = None, seed: int = 0, progress=iter) -> None:
-        hp = self.hparams
-        opt = torch.optim.Adam(self.parameters_to_train(), lr=float(hp["lr"]),
-                               betas=tuple(hp.get("betas", (0.9, 0.999))))
-        self.head.train()
-        self.losses: list[float] = []
-        self._feature_cache = _FeatureCache(budget=int(hp.get("feature_cache_mb", 1024)) << 20)
-        try:
-            for _ in range(int(epochs or hp["epochs"])):
-                for batch in progress(aux_loader):
-                    loss = self.training_loss(batch)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    self.losses.append(float(loss.detach()))
-        finally:
-            self._feature_cache = None
-            self.head.eval()
 
 
 @register("anomalyclip")

@@ -16,12 +16,16 @@
 * :func:`scale_layers` — the proportional layer mapping that lets ViT-L/14 layer numbers
   (24 visual blocks, 12 text blocks) run on smaller backbones such as ``zsad-tiny``.
 * :func:`similarity_map` / :func:`gaussian_blur` / :func:`avg_pool_tokens` — map helpers.
+* :class:`PromptMethodBase` — layer mapping, frozen-feature cache and the Adam fit loop
+  shared by the trained methods of the family.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.backbone import encode_image_vv
+from methods.base import Method
 
 #: ViT-L/14: 24 visual blocks, 12 text blocks — the depths the papers' layer numbers refer to.
 REFERENCE_VISUAL_DEPTH = 24
@@ -241,3 +246,84 @@ def avg_pool_tokens(tokens: torch.Tensor, grid: tuple[int, int], p: int) -> torc
     ones = torch.ones(1, 1, h, w, dtype=x.dtype, device=x.device)
     cnt = F.avg_pool2d(F.pad(ones, pad), p, stride=1, divisor_override=1)
     return (s / cnt).reshape(B, C, N).transpose(1, 2)
+
+
+# -- method base ---------------------------------------------------------------------------
+
+@dataclass
+class _FeatureCache:
+    budget: int
+    bytes: int = 0
+    store: dict[bytes, tuple[torch.Tensor, dict[int, torch.Tensor]]] = field(default_factory=dict)
+
+
+class PromptMethodBase(Method):
+    """Common plumbing of the learnable-prompt methods: layer mapping, DPAM features, fit loop."""
+
+    trains = True
+
+    def _visual_layers(self) -> tuple[int, list[int]]:
+        """(DPAM start block, tapped blocks) on this backbone (proportional mapping)."""
+        bb = self.backbone
+        start = scale_layer(int(self.hparams.get("dpam_start", 0)), bb.num_layers)
+        layers = scale_layers(self.hparams.get("feature_layers", [24]), bb.num_layers)
+        if start:
+            layers = [max(layer, start) for layer in layers]
+            layers = list(dict.fromkeys(layers))
+        return start, layers
+
+    def _deep_depth(self) -> int:
+        return scale_layer(int(self.hparams.get("deep_depth", 0)), self.backbone.text_layers,
+                           REFERENCE_TEXT_DEPTH)
+
+    def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Frozen visual features (global [B, D], {layer: patch tokens [B, N, D]}).
+
+        During :meth:`fit` they are cached per image content (the visual path is frozen and
+        deterministic, so epochs 2… reuse epoch 1's forward passes), up to
+        ``feature_cache_mb`` megabytes; the cache is dropped when training ends.
+        """
+        start, layers = self._visual_layers()
+        cache = getattr(self, "_feature_cache", None)
+        if cache is None:
+            return dpam_features(self.backbone, images.to(self.device), start=start, layers=layers)
+        keys = [hashlib.blake2b(im.detach().cpu().numpy().tobytes(), digest_size=16).digest()
+                for im in images]
+        if all(k in cache.store for k in keys):
+            items = [cache.store[k] for k in keys]
+            glob = torch.stack([g for g, _ in items])
+            return glob, {ly: torch.stack([p[ly] for _, p in items]) for ly in layers}
+        glob, patches = dpam_features(self.backbone, images.to(self.device), start=start, layers=layers)
+        per_image = glob[0].numel() + sum(p[0].numel() for p in patches.values())
+        for i, k in enumerate(keys):
+            if cache.bytes + 4 * per_image > cache.budget:
+                break
+            cache.store[k] = (glob[i].clone(), {ly: p[i].clone() for ly, p in patches.items()})
+            cache.bytes += 4 * per_image
+        return glob, patches
+
+    def training_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def parameters_to_train(self) -> list[nn.Parameter]:
+        assert self.head is not None
+        return [p for p in self.head.parameters() if p.requires_grad]
+
+    def fit(self, aux_loader, *, epochs: int | None = None, seed: int = 0, progress=iter) -> None:
+        hp = self.hparams
+        opt = torch.optim.Adam(self.parameters_to_train(), lr=float(hp["lr"]),
+                               betas=tuple(hp.get("betas", (0.9, 0.999))))
+        self.head.train()
+        self.losses: list[float] = []
+        self._feature_cache = _FeatureCache(budget=int(hp.get("feature_cache_mb", 1024)) << 20)
+        try:
+            for _ in range(int(epochs or hp["epochs"])):
+                for batch in progress(aux_loader):
+                    loss = self.training_loss(batch)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    self.losses.append(float(loss.detach()))
+        finally:
+            self._feature_cache = None
+            self.head.eval()
