@@ -294,16 +294,19 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_manifest(args: argparse.Namespace) -> int:
+    """Convert between our manifest and AnomalyCLIP/AdaCLIP's meta.json."""
+    from bench import manifest as mf
     from bench import metajson
-    from bench.manifest import ManifestError
 
     meta = args.meta or args.root / "meta.json"
     try:
         if args.action == "export":
-            path = metajson.export_cli(args.dataset, args.root, meta)
+            df = mf.read(mf.manifest_path(args.root, args.dataset))
+            path = metajson.export_meta({args.dataset: df}, meta, roots={args.dataset: args.root})
         else:
-            path = metajson.import_cli(args.dataset, args.root, meta)
-    except ManifestError as err:
+            df = metajson.import_meta(meta, args.dataset, root=args.root)
+            path = mf.write(df, mf.manifest_path(args.root, args.dataset))
+    except (mf.ManifestError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"wrote {path}")
