@@ -106,6 +106,7 @@ class ClipBackbone(nn.Module):
         self.text_layers = len(model.transformer.resblocks)
         self.context_length = int(model.positional_embedding.shape[0])
         self.mean, self.std = OPENAI_MEAN, OPENAI_STD
+        self.feature_cache = None  # bench.feature_cache.FeatureCache, attached by the runner
         self.requires_grad_(False)
         self.eval()
 
@@ -147,7 +148,18 @@ class ClipBackbone(nn.Module):
         return self.model.visual.transformer.resblocks
 
     def encode_image(self, images: torch.Tensor, layers: Sequence[int] = ()) -> ImageFeatures:
-        """Run the visual tower; return the projected global token and the tapped blocks."""
+        """Run the visual tower; return the projected global token and the tapped blocks.
+
+        With a :attr:`feature_cache` attached (the runner does this), the plain frozen
+        forward pass is served from :class:`bench.feature_cache.FeatureCache` (fp16).
+        """
+        if self.feature_cache is not None and not images.requires_grad:
+            return self.feature_cache.encode(self, images, self._check_layers(layers))
+        return self.encode_image_uncached(images, layers)
+
+    def encode_image_uncached(self, images: torch.Tensor,
+                              layers: Sequence[int] = ()) -> ImageFeatures:
+        """:meth:`encode_image` without the feature cache."""
         wanted = self._check_layers(layers)
         x = self.embed_patches(images)
         taps: dict[int, torch.Tensor] = {}
