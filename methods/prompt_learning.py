@@ -261,6 +261,8 @@ class PromptMethodBase(Method):
     """Common plumbing of the learnable-prompt methods: layer mapping, DPAM features, fit loop."""
 
     trains = True
+    #: False: :meth:`image_features` returns patch tokens before ``ln_post`` + ``proj``.
+    project_patch_tokens: bool = True
 
     def _visual_layers(self) -> tuple[int, list[int]]:
         """(DPAM start block, tapped blocks) on this backbone (proportional mapping)."""
@@ -286,14 +288,16 @@ class PromptMethodBase(Method):
         start, layers = self._visual_layers()
         cache = getattr(self, "_feature_cache", None)
         if cache is None:
-            return dpam_features(self.backbone, images.to(self.device), start=start, layers=layers)
+            return dpam_features(self.backbone, images.to(self.device), start=start, layers=layers,
+                                 project=self.project_patch_tokens)
         keys = [hashlib.blake2b(im.detach().cpu().numpy().tobytes(), digest_size=16).digest()
                 for im in images]
         if all(k in cache.store for k in keys):
             items = [cache.store[k] for k in keys]
             glob = torch.stack([g for g, _ in items])
             return glob, {ly: torch.stack([p[ly] for _, p in items]) for ly in layers}
-        glob, patches = dpam_features(self.backbone, images.to(self.device), start=start, layers=layers)
+        glob, patches = dpam_features(self.backbone, images.to(self.device), start=start, layers=layers,
+                                 project=self.project_patch_tokens)
         per_image = glob[0].numel() + sum(p[0].numel() for p in patches.values())
         for i, k in enumerate(keys):
             if cache.bytes + 4 * per_image > cache.budget:
