@@ -146,15 +146,14 @@ class AnoCLIP(Method):
         return Prediction(image_scores, upsample_map(patch, grid, images.shape[-2:]))
 
 
-def adapt(tokens: torch.Tensor, prompts: torch.Tensor, prototypes: torch.Tensor, omega: torch.Tensor,
+def adapt(tokens: torch.Tensor, prompts: torch.Tensor, omega: torch.Tensor,
           activation: str = "tanh") -> torch.Tensor:
     """AnoCLIP+'s residual adapter, Eq. (9): ``Φ(P) = α(P̄ ωᵀ) T + P``.
 
     ``tokens`` P [b, M, D]; ``prompts`` T [b, 2N, D]; ``omega`` ω [b, 2N, D]. ``P̄`` is P
-    L2-normalised (so that ``P̄ ωᵀ`` starts as the cosine similarities with the prompts).
-    ``prototypes`` is unused here (kept for a uniform call signature in tests).
+    L2-normalised, so that ``P̄ ωᵀ`` starts as the cosine similarities with the prompts
+    (the authors' code normalises the adapter input too); the residual adds P itself.
     """
-    del prototypes
     act = {"tanh": torch.tanh, "identity": lambda z: z, "sigmoid": torch.sigmoid}[activation]
     affinity = act(torch.einsum("bmd,bkd->bmk", F.normalize(tokens, dim=-1), omega))
     return torch.einsum("bmk,bkd->bmd", affinity, prompts) + tokens
@@ -176,8 +175,8 @@ def tta_loss(tokens: torch.Tensor, noisy: torch.Tensor, prompts: torch.Tensor, p
     adapted prediction against itself, ``-(1/M) Σ_i Σ_c s_ic log s_ic``; ``"anomalous_term"``:
     Eq. 11 as printed, ``-(1/M) Σ_i S log S`` (anomalous class only).
     """
-    lp_clean = log_probs(adapt(tokens, prompts, prototypes, omega, activation), prototypes, scale)
-    lp_noisy = log_probs(adapt(noisy, prompts, prototypes, omega, activation), prototypes, scale)
+    lp_clean = log_probs(adapt(tokens, prompts, omega, activation), prototypes, scale)
+    lp_noisy = log_probs(adapt(noisy, prompts, omega, activation), prototypes, scale)
     l_d = -0.5 * (lp_clean[..., 0].mean(dim=1) + lp_noisy[..., 1].mean(dim=1))
     p = lp_clean.exp()
     if pseudo_loss == "entropy":
@@ -187,6 +186,35 @@ def tta_loss(tokens: torch.Tensor, noisy: torch.Tensor, prompts: torch.Tensor, p
     else:
         raise ValueError(f"pseudo_loss must be 'entropy' or 'anomalous_term', got {pseudo_loss!r}")
     return l_d + l_p
+
+
+def fit_adapter(tokens: torch.Tensor, prompts: torch.Tensor, prototypes: torch.Tensor, *,
+                scale: float, epochs: int = 5, lr: float = 1e-3, weight_decay: float = 0.01,
+                noise_mean: float = 0.0, noise_std: float = 0.05, activation: str = "tanh",
+                pseudo_loss: str = "entropy") -> tuple[torch.Tensor, list[float]]:
+    """AnoCLIP+'s test-time adaptation (§3.4) of ω for b images at once.
+
+    ``tokens`` P [b, M, D], ``prompts`` T [b, 2N, D], ``prototypes`` [b, 2, D]. ω starts as T;
+    each epoch draws fresh noise ``δ ~ N(μ, σ²)`` for ``P̂ = P + δ`` and takes one AdamW step on
+    the summed per-image ``L_d + L_p`` (images stay independent: each ω_b only sees its own
+    loss). Noise comes from torch's global generator (seeded by the runner). Returns the
+    adapted ω [b, 2N, D] and the loss of every epoch (before its step).
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        P = tokens.detach().clone()
+        T = prompts.detach().clone()
+        protos = prototypes.detach().clone()
+        omega = torch.nn.Parameter(T.clone())            # ω initialised from T (Eq. 9)
+        opt = torch.optim.AdamW([omega], lr=lr, weight_decay=weight_decay)
+        losses = []
+        for _ in range(int(epochs)):
+            noisy = P + torch.randn_like(P) * noise_std + noise_mean
+            loss = tta_loss(P, noisy, T, protos, omega, scale, activation, pseudo_loss).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    return omega.detach(), losses
 
 
 @register("anoclip_plus")
@@ -213,33 +241,24 @@ class AnoCLIPPlus(AnoCLIP):
         return 2 * len(hp["templates"]) * len(hp["state_pairs"]) * n_dom * self.backbone.embed_dim
 
     def refine(self, tokens: torch.Tensor, texts: list[TextSet], scale: float) -> torch.Tensor:
-        """Per-image TTA (§3.4); returns the refined anomaly probabilities [B, M]."""
+        """Per-image TTA (§3.4); returns the refined anomaly probabilities S(Φ(P)) [B, M]."""
         hp = self.hparams
         out = torch.empty(tokens.shape[:2], device=tokens.device)
         groups: dict[int, list[int]] = {}
         for i, t in enumerate(texts):  # images sharing a prompt set are adapted together
             groups.setdefault(id(t), []).append(i)
-        with torch.inference_mode(False), torch.enable_grad():
-            for idx in groups.values():
-                t = texts[idx[0]]
-                b = len(idx)
-                P = tokens[idx].detach().clone()
-                T = t.prompts.detach().clone().unsqueeze(0).expand(b, -1, -1)
-                protos = t.prototypes.detach().clone().unsqueeze(0).expand(b, -1, -1)
-                omega = torch.nn.Parameter(T.clone())          # ω initialised from T (Eq. 9)
-                opt = torch.optim.AdamW([omega], lr=float(hp["tta_lr"]),
-                                        weight_decay=float(hp["tta_weight_decay"]))
-                for _ in range(int(hp["tta_epochs"])):
-                    noise = torch.randn_like(P) * float(hp["noise_std"]) + float(hp["noise_mean"])
-                    # images are independent: the sum keeps each image's gradient its own
-                    loss = tta_loss(P, P + noise, T, protos, omega, scale, hp["activation"],
-                                    hp["pseudo_loss"]).sum()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                with torch.no_grad():
-                    lp = log_probs(adapt(P, T, protos, omega, hp["activation"]), protos, scale)
-                out[idx] = lp[..., 1].exp()
+        for idx in groups.values():
+            t = texts[idx[0]]
+            P = tokens[idx]
+            T = t.prompts.unsqueeze(0).expand(len(idx), -1, -1)
+            protos = t.prototypes.unsqueeze(0).expand(len(idx), -1, -1)
+            omega, _ = fit_adapter(P, T, protos, scale=scale, epochs=hp["tta_epochs"],
+                                   lr=float(hp["tta_lr"]), weight_decay=float(hp["tta_weight_decay"]),
+                                   noise_mean=float(hp["noise_mean"]), noise_std=float(hp["noise_std"]),
+                                   activation=hp["activation"], pseudo_loss=hp["pseudo_loss"])
+            with torch.no_grad():
+                lp = log_probs(adapt(P, T, omega, hp["activation"]), protos, scale)
+            out[idx] = lp[..., 1].exp()
         return out
 
     def predict(self, batch: dict[str, Any]) -> Prediction:
