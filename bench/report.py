@@ -126,6 +126,8 @@ class Cell:
     def text(self) -> str:
         if not self.defined:
             return DASH
+        if self.note == "signed":
+            return f"{self.mean:+.1f}"
         s = fmt_num(self.mean)
         return f"{s} ± {fmt_num(self.std)}" if self.show_std else s
 
@@ -242,6 +244,13 @@ def method_order(names: Iterable[str]) -> list[str]:
 # ------------------------------------------------------------------------------------
 # aggregation into tables
 # ------------------------------------------------------------------------------------
+def dataset_order(names: Iterable[str]) -> list[str]:
+    """Canonical datasets in the design's order, then the rest by name."""
+    known = list(reported.DATASET_NAMES)
+    names = set(names)
+    return [n for n in known if n in names] + sorted(names - set(known))
+
+
 def _metric_key(level: str, metric: str) -> str:
     return f"{level}_{metric}"
 
@@ -270,9 +279,7 @@ def dataset_tables(df: pd.DataFrame, agg: pd.DataFrame, metrics: Sequence[tuple[
                    methods: list[str]) -> list[Table]:
     """One leaderboard per dataset: a row per (method, aux, shots), a column per metric."""
     tables = []
-    datasets = sorted(agg["dataset"].unique(), key=lambda d: (
-        list(reported.DATASET_NAMES).index(d) if d in reported.DATASET_NAMES else 99, d))
-    for ds in datasets:
+    for ds in dataset_order(agg["dataset"].unique()):
         a = agg[agg["dataset"] == ds]
         present = {(lv, m) for lv, m in zip(a["level"], a["metric"])}
         mets = [lm for lm in metrics if lm in present]
@@ -435,9 +442,13 @@ def reported_vs_reproduced(agg: pd.DataFrame) -> pd.DataFrame:
     })
     out["diff"] = [rounded(o) - rounded(r) if _finite(o) and _finite(r) else math.nan
                    for o, r in zip(out["ours_mean"], out["reported"])]
-    order = {k: i for i, k in enumerate(reported.METHOD_NAMES)}
-    out["_o"] = out["method_id"].map(order)
-    out = out.sort_values(["_o", "dataset", "level", "metric", "source"]).drop(columns="_o")
+    m_order = {k: i for i, k in enumerate(reported.METHOD_NAMES)}
+    d_order = {k: i for i, k in enumerate(reported.DATASET_NAMES)}
+    x_order = {lm: i for i, lm in enumerate(ALL_METRICS)}
+    out["_m"] = out["method_id"].map(m_order)
+    out["_d"] = out["dataset_id"].map(d_order)
+    out["_x"] = [x_order.get((lv, mt), 99) for lv, mt in zip(out["level"], out["metric"])]
+    out = out.sort_values(["_m", "_d", "_x", "source"]).drop(columns=["_m", "_d", "_x"])
     return out.reset_index(drop=True)
 
 
@@ -446,7 +457,8 @@ def rvr_table(rvr: pd.DataFrame) -> Table:
             Column("diff", "Δ (ours − reported)", ranked=False)]
     rows = []
     for r in rvr.itertuples():
-        cells = [Cell(r.reported), Cell(r.ours_mean, r.ours_std, int(r.n_seeds)), Cell(r.diff)]
+        cells = [Cell(r.reported), Cell(r.ours_mean, r.ours_std, int(r.n_seeds)),
+                 Cell(r.diff, note="signed")]
         rows.append(Row(r.method, r.method_id, r.aux, int(r.shots), cells, {
             "dataset": r.dataset, "metric": f"{LEVEL_LABELS[r.level]} {METRIC_LABELS[r.metric]}",
             "source": r.source + (f" ({r.note})" if r.note else "")}))
@@ -571,6 +583,7 @@ def accuracy_fps_svg(overall: Table | None, cost: pd.DataFrame) -> str:
     if overall is None or cost.empty or "fps" not in cost:
         return ""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -595,6 +608,9 @@ def accuracy_fps_svg(overall: Table | None, cost: pd.DataFrame) -> str:
             ax.scatter([x], [y], s=28)
             ax.annotate(row.label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
         ax.set_xscale("log")
+        ax.margins(x=0.25, y=0.15)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(f"FPS (batch 1, {device})")
         ax.set_ylabel(f"{overall.columns[j].group} {overall.columns[j].label} (%, overall mean)")
         ax.grid(True, alpha=0.3)
@@ -742,6 +758,8 @@ def _tex_cell(t: Table, c: Cell) -> str:
         return "--"
     if t.kind == "cost":
         s = cost_cell_text(c).replace(",", "{,}")
+    elif c.note == "signed":
+        s = c.text()
     else:
         s = fmt_num(c.mean) + (rf"\,{{\scriptsize$\pm$\,{fmt_num(c.std)}}}" if c.show_std else "")
     return rf"\textbf{{{s}}}" if c.rank == 1 else rf"\underline{{{s}}}" if c.rank == 2 else s
@@ -851,7 +869,7 @@ def build(results_dir: str | Path, metrics: Sequence[tuple[str, str]] = ALL_METR
     methods = method_order(df["method"].unique())
     ds_tables = dataset_tables(df, agg, metrics, methods)
     domains: dict[str, list[str]] = {}
-    ds_ids = list(dict.fromkeys(agg["dataset"]))
+    ds_ids = dataset_order(agg["dataset"].unique())
     for ds in ds_ids:
         domains.setdefault(dataset_meta(ds)["domain"], []).append(ds)
     domain_tables = group_tables(df, metrics, methods, domains, "domain") if len(domains) else []
