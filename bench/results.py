@@ -167,7 +167,7 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     """sha256 over names, dtypes, shapes and bytes of a state dict (order-independent)."""
     h = hashlib.sha256()
     for k in sorted(state):
-        t = state[k].detach().cpu().contiguous()
+        t = state[k].detach().cpu().contiguous().reshape(-1)
         h.update(k.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())

@@ -31,8 +31,9 @@ from bench import metrics
 from bench import protocol as protocol_mod
 from bench.backbone import ClipBackbone, load_clip
 from bench.data import DEFAULT_MASK_THRESHOLD, ManifestDataset, collate, make_loader
+from bench.feature_cache import FeatureCache
 from bench.registry import ADAPTERS, METHODS, create_method, get_adapter
-from bench.results import ResultStore, environment
+from bench.results import ResultStore, environment, state_digest
 
 log = logging.getLogger("zsad_bench")
 GALLERY_SIZE = 96  # pixels of the maps kept for the report's gallery
@@ -171,6 +172,7 @@ class Runner:
     progress: bool = True
     store: ResultStore = field(init=False)
     _backbones: dict[str, ClipBackbone] = field(default_factory=dict, init=False)
+    _fingerprints: dict[str, str] = field(default_factory=dict, init=False)
     _datasets: dict[str, DatasetHandle] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
@@ -203,9 +205,31 @@ class Runner:
                 from bench.toyclip import checkpoint_path
 
                 pretrained = str(checkpoint_path())
-            self._backbones[spec.key()] = load_clip(spec.arch, pretrained, spec.image_size,
-                                                    self.device)
+            bb = load_clip(spec.arch, pretrained, spec.image_size, self.device)
+            self._fingerprints[spec.key()] = state_digest(bb.model.state_dict())
+            mode = str(self.proto.run.get("feature_cache", "memory"))
+            if mode not in ("memory", "disk", "off"):
+                raise RunError(f"{self.proto.source}: [run] feature_cache must be memory, disk or "
+                               f"off, not {mode!r}")
+            if mode != "off":
+                directory = None
+                if mode == "disk":
+                    directory = Path(self.proto.run.get("feature_cache_dir",
+                                                        self.results_dir / "feature_cache"))
+                bb.feature_cache = FeatureCache(
+                    f"{bb.describe()}|{self._fingerprints[spec.key()]}",
+                    max_bytes=int(float(self.proto.run.get("feature_cache_gb", 4)) * 2**30),
+                    directory=directory)
+            self._backbones[spec.key()] = bb
         return self._backbones[spec.key()]
+
+    def check_backbones_untouched(self, job: Job) -> None:
+        """A method must never change the shared frozen backbone (others reuse it)."""
+        for key, bb in self._backbones.items():
+            if state_digest(bb.model.state_dict()) != self._fingerprints[key]:
+                raise RunError(f"{job.method} changed the weights of the shared backbone {key} "
+                               f"during {job.id}. Methods must copy the modules they adapt "
+                               "(e.g. copy.deepcopy(block)) instead of editing the backbone.")
 
     def dataset(self, name: str) -> DatasetHandle:
         if name not in self._datasets:
@@ -286,6 +310,7 @@ class Runner:
             seed_everything(job.seed)
             t0 = time.perf_counter()
             records = self.evaluate(method, job, self.dataset(target))
+            self.check_backbones_untouched(job)
             written += self.store.append_unit(unit, records, seconds=round(time.perf_counter() - t0, 3))
         return written
 
