@@ -341,6 +341,39 @@ def profile_method(name: str, backbone: Any, *, hparams: dict[str, Any] | None =
     return rec
 
 
+def method_gflops(name: str, backbone: Any, *, hparams: dict[str, Any] | None = None,
+                  shots: int = 1) -> dict[str, float]:
+    """GFLOPs of the first ``predict`` call (with one-off work) and of a steady-state one.
+
+    No timing: one call each, so this is affordable for the full protocol's backbone on a
+    CPU (FLOPs do not depend on the device or the weights).
+    """
+    from bench.registry import METHODS
+
+    cls = METHODS.get(name)
+    method = _new_method(name, backbone, dict(hparams or {}))
+    if method.head is not None:
+        method.head.eval()
+    device = backbone.device
+    if getattr(cls, "few_shot", False):
+        support = make_batch(backbone.image_size, shots, device=device, seed=2)
+        support["label"] = torch.zeros_like(support["label"])
+        support["mask"] = torch.zeros_like(support["mask"])
+        with _grad_context(cls):
+            method.set_support(support)
+    batch = make_batch(backbone.image_size, 1, device=device, seed=0)
+
+    def infer() -> Any:
+        with _grad_context(cls):
+            return method.predict(batch)
+
+    first = count_flops(infer)
+    steady = count_flops(infer)
+    return {"gflops": steady / 1e9, "first_call_gflops": first / 1e9,
+            "learnable_params": float(method.learnable_parameters()),
+            "total_params": float(count_parameters(method_modules(method)))}
+
+
 def _train_step_cost(name: str, backbone: Any, hparams: dict[str, Any],
                      batch_size: int) -> dict[str, Any]:
     """Peak memory and time of one training step (``fit`` over one batch, one epoch)."""

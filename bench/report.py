@@ -275,6 +275,16 @@ def per_seed_means(df: pd.DataFrame) -> pd.DataFrame:
     return df.groupby(keys, dropna=False)["value"].mean().reset_index()
 
 
+def backbones_of(df: pd.DataFrame) -> dict[str, str]:
+    """Method -> the backbone(s) its records name (records without one are skipped)."""
+    if "backbone" not in df.columns:
+        return {}
+    out = {}
+    for m, g in df.dropna(subset=["backbone"]).groupby("method"):
+        out[m] = ", ".join(sorted(set(map(str, g["backbone"]))))
+    return out
+
+
 def dataset_tables(df: pd.DataFrame, agg: pd.DataFrame, metrics: Sequence[tuple[str, str]],
                    methods: list[str]) -> list[Table]:
     """One leaderboard per dataset: a row per (method, aux, shots), a column per metric."""
@@ -305,9 +315,19 @@ def dataset_tables(df: pd.DataFrame, agg: pd.DataFrame, metrics: Sequence[tuple[
                                 meth, aux, int(shots), cells))
         meta = dataset_meta(ds)
         auxes = ", ".join(sorted(a["aux"].unique()))
+        bbs = backbones_of(df[df["dataset"] == ds])
+        info: list[str] = []
+        if len(set(bbs.values())) > 1:
+            info = ["backbone"]
+            for r in rows:
+                r.info["backbone"] = bbs.get(r.method, "")
+            bb_note = "Backbones differ between methods (column “backbone”). "
+        else:
+            bb_note = f"Backbone: {next(iter(bbs.values()))}. " if bbs else ""
         t = Table(f"dataset-{_slug(ds)}", meta["name"], cols, rows, kind="dataset",
+                  info_columns=info,
                   caption=f"{meta['name']} ({meta['domain']}); auxiliary training data: {auxes}. "
-                          + AGGREGATION_NOTE)
+                          + bb_note + AGGREGATION_NOTE)
         t.rank()
         tables.append(t)
     return tables

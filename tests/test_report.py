@@ -289,3 +289,27 @@ def test_formatting_helpers() -> None:
     assert report.fmt_num(None) == report.DASH
     assert report.latex_escape("AF-CLIP+ & a_b") == r"AF-CLIP+ \& a\_b"
 
+
+
+def test_backbone_column_when_methods_differ(tmp_path: Path) -> None:
+    run = make_store(tmp_path / "run")
+    recs = (run / "records.jsonl").read_text().splitlines()
+    out = []
+    for line in recs:
+        if '"method": "clip"' in line:
+            line = line.replace("zsad-tiny (random init) @ 64px", "ViT-B-16-plus-240 @ 240px")
+        out.append(line)
+    (run / "records.jsonl").write_text("\n".join(out) + "\n")
+    index = report.render(run, tmp_path / "site")
+    rows = {r[0]: r for r in html_tables(index)["tbl-dataset-mvtec"]}
+    assert rows["CLIP"][1] == "ViT-B-16-plus-240 @ 240px"
+    assert rows["TokenCLIP"][1] == "zsad-tiny (random init) @ 64px"
+    csv = pd.read_csv(tmp_path / "site" / "tables" / "dataset-mvtec.csv")
+    assert list(csv["backbone"]) == [rows[k][1] for k in ("CLIP", "AnomalyCLIP", "TokenCLIP")]
+
+
+def test_suite_citation_matches_citation_cff() -> None:
+    cff = (Path(__file__).resolve().parents[1] / "CITATION.cff").read_text()
+    title = re.search(r'^title: "(.*)"$', cff, re.M).group(1)
+    version = re.search(r"^version: (.*)$", cff, re.M).group(1).strip()
+    assert title in report.SUITE_BIBTEX and f"version = {{{version}}}" in report.SUITE_BIBTEX
