@@ -51,7 +51,8 @@ class FeatureCache:
     # -- storage ----------------------------------------------------------------------
     def _disk_path(self, key: str) -> Path:
         assert self.directory is not None
-        return self.directory / key[:2] / f"{key}.pt"
+        path, _, digest = key.rpartition(":")
+        return self.directory / path / digest[:2] / f"{digest}.pt"
 
     def _remember(self, k: tuple[str, int], t: torch.Tensor) -> None:
         if k in self._mem:
@@ -88,7 +89,7 @@ class FeatureCache:
             self._remember((key, layer), t)
         if self.directory is not None:
             path = self._disk_path(key)
-            path.parent.mkdir(exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             old = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {}
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
             torch.save({**old, **feats}, tmp)
@@ -99,24 +100,43 @@ class FeatureCache:
         """``backbone.encode_image`` through the cache (see the module docstring)."""
         from bench.backbone import ImageFeatures
 
-        need = set(layers) | {GLOBAL}
-        keys = [tensor_key(img) for img in images]
+        glob, taps = self.get_or_compute(
+            "plain", images, layers,
+            lambda x, ls: _as_pair(backbone.encode_image_uncached(x, sorted(ls))))
+        return ImageFeatures(glob, taps, (backbone.grid_size, backbone.grid_size))
+
+    def get_or_compute(self, path: str, images: torch.Tensor, layers: set[int] | list[int],
+                       compute) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Features of a frozen visual ``path`` (e.g. ``"plain"``, ``"dpam6"``) through the cache.
+
+        ``compute(images_subset, layers) -> (global [b, D], {layer: [b, ...]})`` runs on the
+        images not cached yet. Returns (global [B, D], {layer: [B, ...]}) on the images' device,
+        always rounded through fp16 (see the module docstring).
+        """
+        layers = set(layers)
+        need = layers | {GLOBAL}
+        keys = [f"{path}:{tensor_key(img)}" for img in images]
         per_sample: list[dict[int, torch.Tensor] | None] = [self._lookup(k, need) for k in keys]
         missing = [i for i, f in enumerate(per_sample) if f is None]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
+        dtype = torch.float32
         if missing:
-            fresh = backbone.encode_image_uncached(images[missing], sorted(layers))
+            glob, taps = compute(images[missing], layers)
+            dtype = glob.dtype
             for j, i in enumerate(missing):
-                feats = {GLOBAL: fresh.global_embedding[j].detach().to("cpu", torch.float16)}
-                feats.update({layer: fresh.taps[layer][j].detach().to("cpu", torch.float16)
+                feats = {GLOBAL: glob[j].detach().to("cpu", torch.float16)}
+                feats.update({layer: taps[layer][j].detach().to("cpu", torch.float16)
                               for layer in layers})
                 self._store(keys[i], feats)
                 per_sample[i] = feats
-        dev, dtype = images.device, backbone.model.visual.proj.dtype
+        dev = images.device
 
         def stack(layer: int) -> torch.Tensor:
             return torch.stack([f[layer] for f in per_sample]).to(dev, dtype)  # type: ignore[index]
 
-        return ImageFeatures(stack(GLOBAL), {layer: stack(layer) for layer in layers},
-                             (backbone.grid_size, backbone.grid_size))
+        return stack(GLOBAL), {layer: stack(layer) for layer in layers}
+
+
+def _as_pair(feats) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    return feats.global_embedding, feats.taps
