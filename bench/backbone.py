@@ -433,7 +433,7 @@ class VVFeatures(ImageFeatures):
 
 
 def encode_image_vv(backbone: ClipBackbone, images: torch.Tensor, *, start: int = 1,
-                    layers: Sequence[int] = ()) -> VVFeatures:
+                    layers: Sequence[int] = (), original: bool = True) -> VVFeatures:
     """Run the visual tower with AnoCLIP's local-aware value-value path alongside it.
 
     AnoCLIP (Deng et al. 2023, §3.2, Eq. 7): from block ``start`` (1-based) on, a second path
@@ -442,8 +442,12 @@ def encode_image_vv(backbone: ClipBackbone, images: torch.Tensor, *, start: int 
     from the original path's ``ln_1`` tokens at that block and the path starts from the
     original tokens entering block ``start`` (as in the authors' dual-path code). The original
     Q-K-V path is unchanged; its projected class token is ``global_embedding``. ``layers``:
-    blocks to tap on both paths (``taps`` original, ``vv_taps`` V-V; a V-V tap needs a block
-    ``>= start``).
+    blocks to tap (``vv_taps``, and with ``original=True`` the original path's ``taps``); a
+    V-V tap needs a block ``>= start``.
+
+    With the runner's :attr:`ClipBackbone.feature_cache` attached, the V-V taps and the global
+    embedding are served from it (path ``"vv<start>"``, fp16, shared by every seed and method
+    using the same path); the original taps then come from the cached plain pass.
     """
     if not 1 <= start <= backbone.num_layers:
         raise BackboneError(f"{backbone.arch}: V-V start block must be in 1..{backbone.num_layers}, "
@@ -452,6 +456,23 @@ def encode_image_vv(backbone: ClipBackbone, images: torch.Tensor, *, start: int 
     early = sorted(i for i in wanted if i < start)
     if early:
         raise BackboneError(f"V-V path starts at block {start}; cannot tap it at {early}")
+    g = (backbone.grid_size, backbone.grid_size)
+    cache = getattr(backbone, "feature_cache", None)
+    if cache is not None and not images.requires_grad:
+        def compute(x: torch.Tensor, ls: set[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+            glob, _, vv = _vv_forward(backbone, x, start, set(ls))
+            return glob, vv
+
+        glob, vv_taps = cache.get_or_compute(f"vv{start}", images, wanted, compute)
+        taps = backbone.encode_image(images, sorted(wanted)).taps if original and wanted else {}
+        return VVFeatures(glob, taps, g, vv_taps=vv_taps, vv_start=start)
+    glob, taps, vv_taps = _vv_forward(backbone, images, start, wanted)
+    return VVFeatures(glob, taps if original else {}, g, vv_taps=vv_taps, vv_start=start)
+
+
+def _vv_forward(backbone: ClipBackbone, images: torch.Tensor, start: int, wanted: set[int]
+                ) -> tuple[torch.Tensor, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """One pass of both paths: (global embedding, original taps, V-V taps)."""
     x = backbone.embed_patches(images)
     vv: torch.Tensor | None = None
     taps: dict[int, torch.Tensor] = {}
@@ -463,8 +484,7 @@ def encode_image_vv(backbone: ClipBackbone, images: torch.Tensor, *, start: int 
         if i in wanted:
             taps[i] = x
             vv_taps[i] = vv
-    g = (backbone.grid_size, backbone.grid_size)
-    return VVFeatures(backbone.project_tokens(x[:, 0]), taps, g, vv_taps=vv_taps, vv_start=start)
+    return backbone.project_tokens(x[:, 0]), taps, vv_taps
 
 
 def window_indices(grid: tuple[int, int], size: int, stride: int = 1,

@@ -131,7 +131,8 @@ class AnoCLIP(Method):
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], tuple[int, int]]:
         """Projected global embedding [B, D] (original path) and V-V patch tokens [B, M, D] per map layer."""
         bb = self.backbone
-        f = encode_image_vv(bb, images, start=int(self.hparams["vv_start"]), layers=self.map_layers)
+        f = encode_image_vv(bb, images, start=int(self.hparams["vv_start"]), layers=self.map_layers,
+                            original=False)
         tokens = [bb.project_tokens(f.vv_taps[i][:, 1:]) for i in self.map_layers]
         return f.global_embedding, tokens, f.grid
 

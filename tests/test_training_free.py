@@ -161,6 +161,24 @@ def test_vv_path_recursion_without_ffn(tiny_backbone, images):
         encode_image_vv(bb, images, start=L, layers=[L - 1])
 
 
+def test_vv_path_through_the_feature_cache(images):
+    from bench.backbone import load_clip
+    from bench.feature_cache import FeatureCache
+
+    bb = load_clip("zsad-tiny", None, image_size=64, seed=0)
+    L = bb.num_layers
+    with torch.no_grad():
+        ref = encode_image_vv(bb, images, start=2, layers=[L])
+        bb.feature_cache = FeatureCache("test-vv")
+        first = encode_image_vv(bb, images, start=2, layers=[L])
+        second = encode_image_vv(bb, images, start=2, layers=[L], original=False)
+    # per image: first call misses the vv and the plain path, the second hits the vv path
+    assert (bb.feature_cache.misses, bb.feature_cache.hits) == (4, 2)
+    assert torch.equal(first.vv_taps[L], second.vv_taps[L]) and second.taps == {}
+    assert torch.allclose(first.vv_taps[L], ref.vv_taps[L], atol=1e-2, rtol=1e-2)  # fp16 storage
+    assert torch.allclose(first.taps[L], ref.taps[L], atol=1e-2, rtol=1e-2)
+
+
 def test_anoclip_map_differs_from_clip(tiny_backbone):
     batch = _toy_batches(64, n_batches=1)[0]
     a = create_method("anoclip", tiny_backbone, logit_scale=tiny_backbone.logit_scale.item()).predict(batch)
