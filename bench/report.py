@@ -81,7 +81,7 @@ SUITE_BIBTEX = """@software{zsad_bench,
 AGGREGATION_NOTE = (
     "Per category, then mean over the categories of a dataset (undefined values left out), "
     "then mean ± sample std over seeds. Percent; “–” = undefined (never 0); std only with ≥ 2 "
-    "seeds; best bold, second underlined (as printed)."
+    "seeds; best bold, second underlined (as printed; few-shot rows ranked apart)."
 )
 
 
@@ -175,18 +175,24 @@ class Table:
         return out
 
     def rank(self) -> None:
-        """Mark the best (1) and second-best (2) printed value of each ranked column."""
+        """Mark the best (1) and second-best (2) printed value of each ranked column.
+
+        Rows of different ``shots`` are ranked separately: a few-shot method is not
+        compared with the zero-shot ones.
+        """
         for j, col in enumerate(self.columns):
             if not col.ranked:
                 continue
-            vals = sorted({rounded(r.cells[j].mean) for r in self.rows if r.cells[j].defined},
-                          reverse=True)
-            for r in self.rows:
-                c = r.cells[j]
-                c.rank = 0
-                if c.defined and vals:
-                    v = rounded(c.mean)
-                    c.rank = 1 if v == vals[0] else 2 if len(vals) > 1 and v == vals[1] else 0
+            for shots in {r.shots for r in self.rows}:  # few-shot rows ranked apart
+                rows = [r for r in self.rows if r.shots == shots]
+                vals = sorted({rounded(r.cells[j].mean) for r in rows if r.cells[j].defined},
+                              reverse=True)
+                for r in rows:
+                    c = r.cells[j]
+                    c.rank = 0
+                    if c.defined and vals:
+                        v = rounded(c.mean)
+                        c.rank = 1 if v == vals[0] else 2 if len(vals) > 1 and v == vals[1] else 0
 
 
 # ------------------------------------------------------------------------------------
