@@ -219,7 +219,11 @@ def _f64(x: Array) -> Array:
 
 
 def _clamp(x: Array, lo: float | None, hi: float | None) -> Array:
-    return np.clip(x, lo, hi) if _is_np(x) else x.clamp(lo, hi)
+    if not _is_np(x):
+        return x.clamp(lo, hi)
+    if lo is not None:  # np.minimum / np.maximum: much faster than np.clip
+        x = np.maximum(x, lo)
+    return x if hi is None else np.minimum(x, hi)
 
 
 def _floor_to(value: float, like: Array) -> Array:
@@ -258,6 +262,8 @@ class _Ranking:
         neg: normal scores sorted ascending (needed by the compat AUPRO only).
         weights: per entry of ``pos``, ``1 / (region area * n_regions)`` (AUPRO only).
         n_regions: number of connected ground-truth regions (AUPRO only).
+        partial: only the anomalous pixels that matter to AUPRO up to a given FPR are
+            ranked (``pos`` is a subset; ``neg`` is None).
     """
 
     n_pos: int
@@ -268,6 +274,7 @@ class _Ranking:
     neg: Array | None = None
     weights: Array | None = None
     n_regions: int = 0
+    partial: bool = False
 
     @property
     def defined(self) -> bool:
@@ -275,13 +282,55 @@ class _Ranking:
 
 
 def _finish_ranking(
-    neg: Array, pos: Array, weights: Array | None, n_regions: int, what: str
+    neg: Array,
+    pos: Array,
+    weights: Array | None,
+    n_regions: int,
+    what: str,
+    top_fpr: float | None = None,
 ) -> _Ranking:
-    """Sort, check finiteness, and count normal scores below each anomalous score."""
+    """Sort, check finiteness, and count normal scores below each anomalous score.
+
+    With ``top_fpr`` (NumPy only; exact AUPRO up to that FPR), only the highest normal
+    scores are sorted -- the ``k = floor(top_fpr * n_neg) + 1`` largest, found with an
+    O(n) partition -- and only anomalous pixels scoring at least the k-th largest normal
+    score are kept. Every other anomalous pixel has more than ``top_fpr * n_neg`` normal
+    pixels above it and so contributes nothing below the FPR limit. The result is then
+    ``partial``: valid for :func:`_aupro_exact` only.
+    """
     n_pos, n_neg = int(pos.shape[0]), int(neg.shape[0])
     if n_pos == 0 or n_neg == 0:
         return _Ranking(n_pos, n_neg, n_regions=n_regions)
+    bad = ValueError(
+        f"{what} contain NaN or infinite values; a metric of such scores is meaningless. "
+        "Check the method's output (e.g. a division by zero in the normalisation)."
+    )
     if _is_np(neg):
+        k = n_neg if top_fpr is None else min(n_neg, math.floor(top_fpr * n_neg) + 1)
+        if k < n_neg:
+            if not np.isfinite(pos).all():
+                raise bad
+            cut = n_neg - k
+            neg.partition(cut)  # in place: neg[:cut] <= neg[cut] <= neg[cut:]
+            lower, top = neg[:cut], neg[cut:]
+            v = top[0]
+            if not (math.isfinite(float(lower.min())) and math.isfinite(float(top.max()))):
+                raise bad
+            top.sort()
+            keep = np.flatnonzero(pos >= v)
+            pos = pos[keep]
+            order = np.argsort(pos)
+            pos = pos[order]
+            weights = weights[keep][order]
+            # counts in the whole normal set: all of ``lower`` is <= v < pos, except the
+            # normal scores in ``lower`` that equal v, which are not < v.
+            below, at_most = _count_below(top, pos)
+            below += cut
+            at_most += cut
+            at_v = pos == v
+            if at_v.any():
+                below[at_v] -= np.count_nonzero(lower == v)
+            return _Ranking(n_pos, n_neg, pos, below, at_most, None, weights, n_regions, True)
         neg.sort()  # in place, NumPy's vectorised sort; no index array
         if weights is not None:
             order = np.argsort(pos)
@@ -297,13 +346,22 @@ def _finish_ranking(
         del order
     ends = [float(neg[0]), float(neg[-1]), float(pos[0]), float(pos[-1])]
     if not all(math.isfinite(e) for e in ends):
-        raise ValueError(
-            f"{what} contain NaN or infinite values; a metric of such scores is meaningless. "
-            "Check the method's output (e.g. a division by zero in the normalisation)."
-        )
-    below = _searchsorted(neg, pos, "left")
-    at_most = _searchsorted(neg, pos, "right")
+        raise bad
+    below, at_most = _count_below(neg, pos)
     return _Ranking(n_pos, n_neg, pos, below, at_most, neg, weights, n_regions)
+
+
+def _count_below(sorted_neg: Array, pos: Array) -> tuple[Array, Array]:
+    """For each of ``pos``: the number of ``sorted_neg`` entries ``<`` it and ``<=`` it."""
+    n = int(sorted_neg.shape[0])
+    below = _searchsorted(sorted_neg, pos, "left")
+    # ``at_most`` differs from ``below`` only where a normal score equals the anomalous one;
+    # one gather finds those, and only they need a second binary search.
+    tied = sorted_neg[_clamp(below, None, n - 1)] == pos
+    tied &= below < n
+    at_most = below.clone() if _is_tensor(below) else below.copy()
+    at_most[tied] = _searchsorted(sorted_neg, pos[tied], "right")
+    return below, at_most
 
 
 def _rank_images(labels: Any, scores: Any) -> _Ranking:
@@ -323,7 +381,7 @@ def _device_has_room(maps: Any, n_bytes: int) -> bool:
     return n_bytes < 0.9 * free
 
 
-def _rank_pixels(masks: Any, maps: Any, *, regions: bool) -> _Ranking:
+def _rank_pixels(masks: Any, maps: Any, *, regions: bool, top_fpr: float | None = None) -> _Ranking:
     """Rank all pixels of a category; optionally label ground-truth regions (AUPRO).
 
     Args:
@@ -331,6 +389,8 @@ def _rank_pixels(masks: Any, maps: Any, *, regions: bool) -> _Ranking:
             anomalous); NumPy array or torch tensor.
         maps: anomaly maps of the same shape.
         regions: also compute the per-pixel region weights needed by AUPRO.
+        top_fpr: rank only what exact AUPRO up to this FPR needs (see
+            :func:`_finish_ranking`); requires ``regions``.
     """
     on_device = _is_tensor(maps) and not (maps.device.type == "cpu" and _TORCH_CPU_VIA_NUMPY)
     if not on_device:
@@ -366,7 +426,7 @@ def _rank_pixels(masks: Any, maps: Any, *, regions: bool) -> _Ranking:
         n_all = n_img * h * w
         # neg + sorted copy + int64 sort indices, plus the anomalous side
         if not _device_has_room(maps, n_all * (2 * dtype.itemsize + 8) + n_pos * 32):
-            return _rank_pixels(_to_numpy(masks), _to_numpy(maps), regions=regions)
+            return _rank_pixels(_to_numpy(masks), _to_numpy(maps), regions=regions, top_fpr=top_fpr)
         new = torch.empty
         neg = new(n_all - n_pos, dtype=dtype, device=maps.device)
         pos = new(n_pos, dtype=dtype, device=maps.device)
@@ -393,11 +453,15 @@ def _rank_pixels(masks: Any, maps: Any, *, regions: bool) -> _Ranking:
         neg[i_neg : i_neg + s_neg.shape[0]] = s_neg
         if regions and s_pos.shape[0]:
             m_np = m.cpu().numpy() if on_device else m
+            anomalous = np.flatnonzero(m_np.any(axis=(1, 2)))  # label only these images
+            m_np = m_np[anomalous] if anomalous.size < m_np.shape[0] else m_np
             lab, n = ndimage.label(m_np, structure=_STRUCTURE_8)
-            area = np.bincount(lab.ravel(), minlength=n + 1)
-            weights[i_pos : i_pos + s_pos.shape[0]] = 1.0 / area[lab[m_np]]
-            n_regions += n
+            lab_pos = lab[m_np]  # same (image, row, column) order as ``s[m]``
             del lab
+            area = np.bincount(lab_pos, minlength=n + 1)
+            weights[i_pos : i_pos + s_pos.shape[0]] = 1.0 / area[lab_pos]
+            n_regions += n
+            del lab_pos
         i_pos += s_pos.shape[0]
         i_neg += s_neg.shape[0]
         del m, s_pos, s_neg
@@ -405,7 +469,7 @@ def _rank_pixels(masks: Any, maps: Any, *, regions: bool) -> _Ranking:
         weights /= n_regions
         if on_device:
             weights = _torch().from_numpy(weights).to(maps.device)
-    return _finish_ranking(neg, pos, weights, n_regions, "maps")
+    return _finish_ranking(neg, pos, weights, n_regions, "maps", top_fpr)
 
 
 # --------------------------------------------------------------------------------------
@@ -414,6 +478,7 @@ def _rank_pixels(masks: Any, maps: Any, *, regions: bool) -> _Ranking:
 
 
 def _auroc(r: _Ranking) -> float:
+    assert not r.partial
     if not r.defined:
         return math.nan
     # Mann-Whitney with ties counted 1/2 == trapezoidal ROC area (sklearn).
@@ -423,6 +488,7 @@ def _auroc(r: _Ranking) -> float:
 
 def _tie_groups(r: _Ranking) -> tuple[Array, Array, Array]:
     """Per distinct anomalous score: (#anomalous >= it, #normal >= it, #anomalous == it)."""
+    assert not r.partial
     starts = _group_starts(r.pos)
     tp = _f64(r.n_pos - starts)
     fp = _f64(r.n_neg - r.below[starts])
@@ -461,6 +527,7 @@ def _aupro_exact(r: _Ranking, fpr_limit: float) -> float:
 
 def _aupro_compat(r: _Ranking, fpr_limit: float, steps: int = COMPAT_AUPRO_STEPS) -> float:
     """Legacy cflow-ad / AnomalyCLIP approximation; see :func:`aupro`."""
+    assert not r.partial
     if not r.defined or r.n_regions == 0:
         return math.nan
     # numpy scalars of the maps' dtype, as in the original (``amaps.min()``)
@@ -587,8 +654,9 @@ def aupro(masks: Any, maps: Any, fpr_limit: float = 0.3, *, compat: bool = False
     """
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}.")
-    r = _rank_pixels(masks, maps, regions=True)
-    return _aupro_compat(r, fpr_limit) if compat else _aupro_exact(r, fpr_limit)
+    if compat:
+        return _aupro_compat(_rank_pixels(masks, maps, regions=True), fpr_limit)
+    return _aupro_exact(_rank_pixels(masks, maps, regions=True, top_fpr=fpr_limit), fpr_limit)
 
 
 def category_metrics(
