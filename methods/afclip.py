@@ -213,6 +213,7 @@ class AFCLIP(Method):
         "sigma": 4.0,                    # σ of the aggregation weights (released code)
         "adapter_heads": 8,              # released code: 8 heads × 64
         "adapter_head_dim": 64,
+        "adapter_residual": False,       # paper/code: none (Eq. 4); True = x + H_a(x), an ablation
         "prompt_len": 12,                # M
         "normal_suffix": "without defect.",
         "anomalous_suffix": "with defect.",
@@ -252,7 +253,7 @@ class AFCLIP(Method):
         feature is read at the end-of-text token, shifted by M.
         """
         bb = self.backbone
-        tokens = self._suffix_tokens
+        tokens = self._suffix_tokens.to(bb.device)
         M = self.head.prompts.ctx.shape[0]
         L = bb.context_length
         emb = bb.token_embedding(tokens)
@@ -272,8 +273,13 @@ class AFCLIP(Method):
         return sets, feats.grid
 
     def adapted(self, sets: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """``z^{ℓr} = f_p(H_a(c^{ℓr}))`` [B, 1 + N, D] (Eq. 7)."""
+        """``z^{ℓr} = f_p(H_a(c^{ℓr}))`` [B, 1 + N, D] (Eq. 7).
+
+        With the ablation ``adapter_residual=True`` (not the paper's), ``f_p(c + H_a(c))``.
+        """
         adapter = self.head.adapter
+        if self.hparams["adapter_residual"]:
+            return [self.backbone.project_tokens(c + adapter(c)) for c in sets]
         return [self.backbone.project_tokens(adapter(c)) for c in sets]
 
     def probabilities(self, z: Sequence[torch.Tensor], text: torch.Tensor) -> torch.Tensor:
