@@ -16,6 +16,10 @@ overrides), the seeds and the auxiliary -> targets transfers. Built-in protocols
     [[transfers]]
     aux = "mvtec"
     targets = ["visa", "mpdd"]
+    [[transfers]]
+    aux = "visa"
+    targets = ["mvtec"]
+    hparams = { vand = { epochs = 15 } }  # settings that depend on the auxiliary dataset
     [hparams.anomalyclip]                 # per-method overrides of the paper defaults
     epochs = 15
     [backbones.winclip]                   # a method that runs on another backbone
@@ -64,6 +68,8 @@ class BackboneSpec:
 class Transfer:
     aux: str
     targets: tuple[str, ...]
+    #: per-method settings that hold for this auxiliary dataset only (e.g. VAND's 15 epochs on VisA)
+    hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,6 +88,15 @@ class Protocol:
 
     def backbone_for(self, method: str) -> BackboneSpec:
         return self.backbones.get(method, self.backbone)
+
+    def hparams_for(self, method: str, aux: str) -> dict[str, Any]:
+        """Protocol-wide overrides of ``method``, then those of the transfer from ``aux``."""
+        hp = dict(self.hparams.get(method, {}))
+        for t in self.transfers:
+            if t.aux == aux:
+                hp.update(t.hparams.get(method, {}))
+                break
+        return hp
 
     def digest(self) -> str:
         """A content hash of the settings that change a job's numbers (not which jobs run)."""
@@ -154,7 +169,12 @@ def load(name_or_path: str | Path) -> Protocol:
     for i, t in enumerate(raw["transfers"]):
         if "aux" not in t or not t.get("targets"):
             raise ProtocolError(f"{path}: transfers[{i}] needs 'aux' and a non-empty 'targets' list")
-        transfers.append(Transfer(str(t["aux"]), tuple(str(x) for x in t["targets"])))
+        extra = set(t) - {"aux", "targets", "hparams"}
+        if extra:
+            raise ProtocolError(f"{path}: transfers[{i}] has unknown keys {sorted(extra)}; "
+                                "use aux, targets, hparams")
+        transfers.append(Transfer(str(t["aux"]), tuple(str(x) for x in t["targets"]),
+                                  {k: dict(v) for k, v in t.get("hparams", {}).items()}))
     few_shot = {str(k): list(v) for k, v in raw.get("few_shot", {}).items()}
     for k, v in few_shot.items():
         if not v or not all(isinstance(x, int) and x > 0 for x in v):
@@ -196,7 +216,8 @@ def validate(proto: Protocol, *, methods: list[str], datasets: list[str]) -> Pro
     if unknown:
         raise ProtocolError(f"{proto.source}: unknown methods {unknown}. Registered: "
                             f"{', '.join(methods)} (add one with --plugin FILE.py)")
-    for section in (proto.hparams, proto.backbones, proto.few_shot):
+    for section in (proto.hparams, proto.backbones, proto.few_shot,
+                    *(t.hparams for t in proto.transfers)):
         extra = [m for m in section if m not in methods]
         if extra:
             raise ProtocolError(f"{proto.source}: settings for unknown methods {extra}")

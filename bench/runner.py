@@ -236,8 +236,8 @@ class Runner:
             self._datasets[name] = open_dataset(self.proto, name, self.data_root)
         return self._datasets[name]
 
-    def hparams(self, method: str) -> dict[str, Any]:
-        hp = dict(self.proto.hparams.get(method, {}))
+    def hparams(self, method: str, aux: str) -> dict[str, Any]:
+        hp = self.proto.hparams_for(method, aux)
         cls = METHODS.get(method)
         scale = float(self.proto.run.get("epochs_scale", 1.0))
         if cls.trains and scale != 1.0:
@@ -265,7 +265,7 @@ class Runner:
         name = job.method
         cls = METHODS.get(name)
         bb = self.backbone(name)
-        hp = self.hparams(name)
+        hp = self.hparams(name, job.aux)
         seed_everything(job.seed)
         method = create_method(name, bb, **hp)
         method.to(bb.device)

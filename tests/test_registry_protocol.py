@@ -142,3 +142,16 @@ def test_digest_ignores_selection_but_not_settings(tmp_path: Path):
     b = protocol.load(write_protocol(tmp_path / "b.toml", seeds="[0]", methods='["clip"]'))
     c = protocol.load(write_protocol(tmp_path / "c.toml", extra="[hparams.clip]\nclass_aware = false\n"))
     assert a.digest() == b.digest() != c.digest()
+
+
+def test_per_transfer_hparams(tmp_path: Path):
+    p = write_protocol(tmp_path / "p.toml", extra="[hparams.clip]\nclass_aware = false\n")
+    text = p.read_text().replace('targets = ["demo_target"]',
+                                 'targets = ["demo_target"]\n[transfers.hparams.clip]\nclass_aware = true\n')
+    p.write_text(text)
+    proto = protocol.load(p)
+    assert proto.hparams_for("clip", "demo_aux") == {"class_aware": True}
+    assert proto.hparams_for("clip", "elsewhere") == {"class_aware": False}
+    full = protocol.validate(protocol.load("full"), methods=METHODS.names(), datasets=ADAPTERS.names())
+    assert full.hparams_for("vand", "visa")["epochs"] == 15
+    assert "epochs" not in full.hparams_for("vand", "mvtec")
