@@ -27,7 +27,10 @@ measures, per method, on the protocol's backbone (``--protocol``, default ``demo
   distinct parameter of the backbone and the method's modules);
 * **GFLOPs per image**: ``torch.utils.flop_counter.FlopCounterMode`` over one
   steady-state ``predict`` call (matmuls, convolutions, attention; 1 multiply-add = 2
-  FLOPs; element-wise operations are not counted).
+  FLOPs, so tools that count MACs, e.g. fvcore or thop, print half; element-wise
+  operations are not counted). ``nn.MultiheadAttention``'s fused inference fast path is
+  switched off while counting (the counter cannot see inside it) and the CPU attention
+  kernel gets the same formula as the CUDA ones.
 
 Cost does not depend on the weights, so where the protocol's weights are not available
 (the toy checkpoint not built, an open_clip tag not cached) the same architecture is
@@ -188,13 +191,42 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str,
 # ------------------------------------------------------------------------------------
 # FLOPs and parameters
 # ------------------------------------------------------------------------------------
+def _raw(formula: Callable[..., int]) -> Callable[..., int]:
+    """A registry formula (already taking tensors) marked so the counter does not re-wrap it."""
+
+    def f(*args: Any, **kwargs: Any) -> int:
+        return formula(*args, **kwargs)
+
+    f._get_raw = True  # type: ignore[attr-defined]
+    return f
+
+
 def count_flops(fn: Callable[[], Any]) -> float:
     """Total FLOPs of one call of ``fn`` (``torch.utils.flop_counter``)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils import flop_counter as fc
 
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
+    aten = torch.ops.aten
+    custom = {}
+    # CPU attention kernels that the flop registry does not know (same formulas as CUDA's)
+    for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", fc.sdpa_flop),
+                          ("_scaled_dot_product_flash_attention_for_cpu_backward",
+                           fc.sdpa_backward_flop)):
+        op = getattr(aten, name, None)
+        if op is not None:
+            custom[op] = _raw(formula)
+    counter = fc.FlopCounterMode(display=False, custom_mapping=custom)
+    # nn.MultiheadAttention's inference fast path is one fused op the counter cannot see
+    # (it would miss the QKV and output projections): count the composite path instead.
+    mha = getattr(torch.backends, "mha", None)
+    fast = mha.get_fastpath_enabled() if mha is not None else None
+    try:
+        if mha is not None:
+            mha.set_fastpath_enabled(False)
+        with counter:
+            fn()
+    finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(fast)
     return float(counter.get_total_flops())
 
 

@@ -53,6 +53,25 @@ def test_flops_of_a_linear_layer() -> None:
     assert profiling.count_flops(lambda: lin(x)) == 2 * 10 * 20
 
 
+def test_flops_of_a_vit_match_the_analytic_count() -> None:
+    """zsad-tiny's visual tower at 32 px: every matmul, the attention and the patch conv.
+
+    Checks that the attention projections (hidden in nn.MultiheadAttention's fused
+    inference path) and the CPU attention kernel are counted.
+    """
+    from bench.backbone import load_clip
+
+    bb = load_clip("zsad-tiny", None, image_size=32, seed=0)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        flops = profiling.count_flops(lambda: bb.model.encode_image(x))
+    layers, tokens, width, patch, embed = 4, 17, 128, 8, 64
+    macs = (layers * (12 * tokens * width**2 + 2 * tokens**2 * width)
+            + (tokens - 1) * 3 * patch**2 * width + width * embed)
+    assert flops == 2 * macs
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
+
+
 def test_records_of_a_training_free_and_a_trained_method(records: dict[str, dict]) -> None:
     clip, coop = records["clip"], records["coop"]
     for r in (clip, coop):
