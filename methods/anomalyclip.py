@@ -93,7 +93,6 @@ class AnomalyCLIP(PromptMethodBase):
         "local_weight": 4.0,             # lam of the released train.py
         "focal_gamma": 2.0,
         "sigma": 4.0,                    # Gaussian smoothing of test maps, pixels
-        "feature_cache_mb": 1024,        # frozen-feature cache during fit (0: off); no effect on results
     }
 
     def __init__(self, backbone: Any, **hparams: Any) -> None:

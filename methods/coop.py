@@ -75,7 +75,6 @@ class CoOp(PromptMethodBase):
         "sigma": 4.0,
         "feature_layers": [24],          # last block (proportionally mapped)
         "dpam_start": 0,                 # no visual adaptation
-        "feature_cache_mb": 1024,
     }
 
     def __init__(self, backbone: Any, **hparams: Any) -> None:

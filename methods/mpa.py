@@ -169,7 +169,6 @@ MPA_DEFAULTS: dict[str, Any] = {
     "focal_gamma": 2.0,
     "image_map_weight": 0.5,         # score = ½ P(global) + ½ max(map)
     "sigma": 4.0,
-    "feature_cache_mb": 1024,
 }
 
 

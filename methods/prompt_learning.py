@@ -22,10 +22,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -250,13 +248,6 @@ def avg_pool_tokens(tokens: torch.Tensor, grid: tuple[int, int], p: int) -> torc
 
 # -- method base ---------------------------------------------------------------------------
 
-@dataclass
-class _FeatureCache:
-    budget: int
-    bytes: int = 0
-    store: dict[bytes, tuple[torch.Tensor, dict[int, torch.Tensor]]] = field(default_factory=dict)
-
-
 class PromptMethodBase(Method):
     """Common plumbing of the learnable-prompt methods: layer mapping, DPAM features, fit loop."""
 
@@ -281,30 +272,13 @@ class PromptMethodBase(Method):
     def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Frozen visual features (global [B, D], {layer: patch tokens [B, N, D]}).
 
-        During :meth:`fit` they are cached per image content (the visual path is frozen and
-        deterministic, so epochs 2… reuse epoch 1's forward passes), up to
-        ``feature_cache_mb`` megabytes; the cache is dropped when training ends.
+        The visual path is frozen, so under the runner these passes are served by the
+        backbone's shared feature cache (:mod:`bench.feature_cache`, paths ``plain`` and
+        ``vv<start>``): epochs, seeds and methods on the same images compute them once.
         """
         start, layers = self._visual_layers()
-        cache = getattr(self, "_feature_cache", None)
-        if cache is None:
-            return dpam_features(self.backbone, images.to(self.device), start=start, layers=layers,
-                                 project=self.project_patch_tokens)
-        keys = [hashlib.blake2b(im.detach().cpu().numpy().tobytes(), digest_size=16).digest()
-                for im in images]
-        if all(k in cache.store for k in keys):
-            items = [cache.store[k] for k in keys]
-            glob = torch.stack([g for g, _ in items])
-            return glob, {ly: torch.stack([p[ly] for _, p in items]) for ly in layers}
-        glob, patches = dpam_features(self.backbone, images.to(self.device), start=start, layers=layers,
-                                 project=self.project_patch_tokens)
-        per_image = glob[0].numel() + sum(p[0].numel() for p in patches.values())
-        for i, k in enumerate(keys):
-            if cache.bytes + 4 * per_image > cache.budget:
-                break
-            cache.store[k] = (glob[i].clone(), {ly: p[i].clone() for ly, p in patches.items()})
-            cache.bytes += 4 * per_image
-        return glob, patches
+        return dpam_features(self.backbone, images.to(self.device), start=start, layers=layers,
+                             project=self.project_patch_tokens)
 
     def training_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
@@ -319,7 +293,6 @@ class PromptMethodBase(Method):
                                betas=tuple(hp.get("betas", (0.9, 0.999))))
         self.head.train()
         self.losses: list[float] = []
-        self._feature_cache = _FeatureCache(budget=int(hp.get("feature_cache_mb", 1024)) << 20)
         try:
             for _ in range(int(epochs or hp["epochs"])):
                 for batch in progress(aux_loader):
@@ -329,5 +302,4 @@ class PromptMethodBase(Method):
                     opt.step()
                     self.losses.append(float(loss.detach()))
         finally:
-            self._feature_cache = None
             self.head.eval()

@@ -158,7 +158,6 @@ class TokenCLIP(PromptMethodBase):
         "fusion_weight": 0.5,            # map = (1-w) base + w dynamic
         "image_map_weight": 0.5,         # score = (1-w) P(global) + w max(map)
         "sigma": 4.0,
-        "feature_cache_mb": 1024,
     }
 
     def __init__(self, backbone: Any, **hparams: Any) -> None:
