@@ -284,12 +284,15 @@ class _Ranking:
 def _finish_ranking(
     neg: Array,
     pos: Array,
-    weights: Array | None,
-    n_regions: int,
     what: str,
+    ids: Array | None = None,
+    region_w: Array | None = None,
     top_fpr: float | None = None,
 ) -> _Ranking:
     """Sort, check finiteness, and count normal scores below each anomalous score.
+
+    ``ids`` (region id of every anomalous pixel) and ``region_w`` (weight of every region,
+    indexed by id) are given for AUPRO; the ranking then carries per-pixel weights.
 
     With ``top_fpr`` (NumPy only; exact AUPRO up to that FPR), only the highest normal
     scores are sorted -- the ``k = floor(top_fpr * n_neg) + 1`` largest, found with an
@@ -299,6 +302,7 @@ def _finish_ranking(
     ``partial``: valid for :func:`_aupro_exact` only.
     """
     n_pos, n_neg = int(pos.shape[0]), int(neg.shape[0])
+    n_regions = 0 if region_w is None else int(region_w.shape[0]) - 1
     if n_pos == 0 or n_neg == 0:
         return _Ranking(n_pos, n_neg, n_regions=n_regions)
     bad = ValueError(
@@ -317,11 +321,8 @@ def _finish_ranking(
             if not (math.isfinite(float(lower.min())) and math.isfinite(float(top.max()))):
                 raise bad
             top.sort()
-            keep = np.flatnonzero(pos >= v)
-            pos = pos[keep]
-            order = np.argsort(pos)
-            pos = pos[order]
-            weights = weights[keep][order]
+            keep = pos >= v
+            pos, weights = _sort_np(pos[keep], ids[keep], region_w)
             # counts in the whole normal set: all of ``lower`` is <= v < pos, except the
             # normal scores in ``lower`` that equal v, which are not < v.
             below, at_most = _count_below(top, pos)
@@ -332,23 +333,46 @@ def _finish_ranking(
                 below[at_v] -= np.count_nonzero(lower == v)
             return _Ranking(n_pos, n_neg, pos, below, at_most, None, weights, n_regions, True)
         neg.sort()  # in place, NumPy's vectorised sort; no index array
-        if weights is not None:
-            order = np.argsort(pos)
-            pos, weights = pos[order], weights[order]
-        else:
-            pos.sort()
+        pos, weights = _sort_np(pos, ids, region_w)
     else:
         torch = _torch()
         neg = torch.sort(neg).values
         pos, order = torch.sort(pos)
-        if weights is not None:
-            weights = weights[order]
+        weights = None if ids is None else region_w[ids[order].long()]
         del order
     ends = [float(neg[0]), float(neg[-1]), float(pos[0]), float(pos[-1])]
     if not all(math.isfinite(e) for e in ends):
         raise bad
     below, at_most = _count_below(neg, pos)
     return _Ranking(n_pos, n_neg, pos, below, at_most, neg, weights, n_regions)
+
+
+def _sort_np(
+    pos: np.ndarray, ids: np.ndarray | None, region_w: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Sort anomalous scores ascending, carrying their regions' weights along.
+
+    float32 scores: score and region id are packed into one order-preserving uint64 key
+    and sorted with NumPy's vectorised sort -- about 3x faster than ``argsort`` plus two
+    random gathers. float64 scores fall back to ``argsort``.
+    """
+    if ids is None:
+        pos.sort()
+        return pos, None
+    if pos.dtype != np.float32:
+        order = np.argsort(pos)
+        return pos[order], region_w[ids[order]]
+    sign = np.uint32(0x80000000)
+    u = (pos + np.float32(0.0)).view(np.uint32)  # + 0.0 turns -0.0 into +0.0
+    hi = np.where(u >= sign, ~u, u | sign)  # monotone map float32 -> uint32
+    keys = hi.astype(np.uint64) << np.uint64(32)
+    del u, hi
+    keys |= ids
+    keys.sort()
+    hi = (keys >> np.uint64(32)).astype(np.uint32)
+    pos = np.where(hi >= sign, hi & ~sign, ~hi).view(np.float32)
+    keys &= np.uint64(0xFFFFFFFF)
+    return pos, region_w[keys]
 
 
 def _count_below(sorted_neg: Array, pos: Array) -> tuple[Array, Array]:
@@ -366,7 +390,7 @@ def _count_below(sorted_neg: Array, pos: Array) -> tuple[Array, Array]:
 
 def _rank_images(labels: Any, scores: Any) -> _Ranking:
     y, s = _image_inputs(labels, scores)
-    return _finish_ranking(s[~y], s[y], None, 0, "scores")
+    return _finish_ranking(s[~y], s[y], "scores")
 
 
 def _device_has_room(maps: Any, n_bytes: int) -> bool:
@@ -442,7 +466,8 @@ def _rank_pixels(masks: Any, maps: Any, *, regions: bool, top_fpr: float | None 
         neg = np.empty(n_all - n_pos, dtype=dtype)
         pos = np.empty(n_pos, dtype=dtype)
 
-    weights = np.empty(n_pos, dtype=np.float64) if regions else None
+    ids = np.empty(n_pos, dtype=np.uint32) if regions else None
+    areas: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]  # id 0: no region
     n_regions = 0
     i_neg = i_pos = 0
     for a, b in chunks:
@@ -458,18 +483,24 @@ def _rank_pixels(masks: Any, maps: Any, *, regions: bool, top_fpr: float | None 
             lab, n = ndimage.label(m_np, structure=_STRUCTURE_8)
             lab_pos = lab[m_np]  # same (image, row, column) order as ``s[m]``
             del lab
-            area = np.bincount(lab_pos, minlength=n + 1)
-            weights[i_pos : i_pos + s_pos.shape[0]] = 1.0 / area[lab_pos]
+            areas.append(np.bincount(lab_pos, minlength=n + 1)[1:])
+            chunk_ids = ids[i_pos : i_pos + s_pos.shape[0]]
+            np.add(lab_pos, n_regions, out=chunk_ids, casting="unsafe")
             n_regions += n
             del lab_pos
         i_pos += s_pos.shape[0]
         i_neg += s_neg.shape[0]
         del m, s_pos, s_neg
-    if regions and n_regions:
-        weights /= n_regions
+    region_w = None
+    if regions:
+        with np.errstate(divide="ignore"):
+            region_w = 1.0 / (np.concatenate(areas) * float(max(n_regions, 1)))
+        region_w[0] = 0.0
         if on_device:
-            weights = _torch().from_numpy(weights).to(maps.device)
-    return _finish_ranking(neg, pos, weights, n_regions, "maps", top_fpr)
+            torch = _torch()
+            ids = torch.from_numpy(ids.astype(np.int64)).to(maps.device)
+            region_w = torch.from_numpy(region_w).to(maps.device)
+    return _finish_ranking(neg, pos, "maps", ids, region_w, top_fpr)
 
 
 # --------------------------------------------------------------------------------------

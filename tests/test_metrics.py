@@ -340,6 +340,24 @@ def test_aupro_float32_maps_and_torch() -> None:
 
 
 @pytest.mark.parametrize("seed", range(3))
+def test_aupro_float32_signed_zeros_and_negative_scores(seed: int) -> None:
+    masks, maps = random_category(seed, levels=16)
+    maps32 = (maps - 0.5).astype(np.float32)  # negative and positive scores, many ties
+    maps32[maps32 == 0] = np.where(np.arange((maps32 == 0).sum()) % 2, -0.0, 0.0)
+    assert np.signbit(maps32[maps32 == 0]).any()
+    ref = ref_aupro(masks, maps32.astype(np.float64))
+    for limit in (0.3, 1.0):
+        assert M.aupro(masks, maps32, limit) == pytest.approx(
+            ref_aupro(masks, maps32.astype(np.float64), limit), abs=1e-9
+        )
+    got = M.category_metrics([0, 1], [0, 1], masks, maps32)
+    assert got[("pixel", "aupro")] == pytest.approx(ref, abs=1e-9)
+    y, s = masks.ravel(), maps32.ravel()
+    assert got[("pixel", "auroc")] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert got[("pixel", "ap")] == pytest.approx(average_precision_score(y, s), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
 def test_aupro_compat_matches_200_threshold_recipe(seed: int) -> None:
     masks, maps = random_category(seed, n=3, h=12, w=12)
     for m in (maps, maps.astype(np.float32)):
