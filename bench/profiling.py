@@ -6,7 +6,10 @@ measures, per method, on the protocol's backbone (``--protocol``, default ``demo
 * **latency** at batch size 1 on a preprocessed tensor already on the device
   (``predict`` only: no decoding or resizing): the first call is timed on its own,
   then ``warmup`` (≥ 10) untimed and ``iters`` (≥ 50) timed calls, the device
-  synchronised before every clock read; median and p90; **FPS = 1 / median**.
+  synchronised before every clock read; median and p90; **FPS = 1 / median**. Also
+  recorded: the minimum, and the median *process CPU time* per call, which on a shared
+  CPU measures the work rather than the time spent waiting for a core (with several
+  intra-op threads it sums them).
 * **one-off setup** = first call − median: what a method computes once and caches
   (text features of its prompt ensembles, lazily built buffers); excluded from FPS.
 * **peak memory** of one inference call (batch 1) and of one training step at the
@@ -101,18 +104,25 @@ def synchronize(device: torch.device | str) -> None:
 
 
 def time_calls(fn: Callable[[], Any], device: torch.device | str, *, warmup: int = MIN_WARMUP,
-               iters: int = MIN_ITERS) -> list[float]:
-    """Seconds of ``iters`` calls of ``fn`` after ``warmup`` untimed ones (device synchronised)."""
+               iters: int = MIN_ITERS, cpu_times: list[float] | None = None) -> list[float]:
+    """Wall seconds of ``iters`` calls of ``fn`` after ``warmup`` untimed ones (device synchronised).
+
+    If ``cpu_times`` is given, the process CPU time of each timed call is appended to it:
+    on a shared CPU it grows with the work done, not with the time spent descheduled.
+    """
     for _ in range(warmup):
         fn()
     synchronize(device)
     out = []
     for _ in range(iters):
         synchronize(device)
+        c0 = time.process_time()
         t0 = time.perf_counter()
         fn()
         synchronize(device)
         out.append(time.perf_counter() - t0)
+        if cpu_times is not None:
+            cpu_times.append(time.process_time() - c0)
     return out
 
 
@@ -339,7 +349,8 @@ def profile_method(name: str, backbone: Any, *, hparams: dict[str, Any] | None =
     infer()  # first call: builds text features and caches
     synchronize(device)
     first = time.perf_counter() - t0
-    times = time_calls(infer, device, warmup=warmup, iters=iters)
+    cpu: list[float] = []
+    times = time_calls(infer, device, warmup=warmup, iters=iters, cpu_times=cpu)
     median = statistics.median(times)
     modules = method_modules(method)
     resident = resident_bytes(modules)
@@ -354,7 +365,8 @@ def profile_method(name: str, backbone: Any, *, hparams: dict[str, Any] | None =
             backbone.parameters())).dtype).replace("torch.", ""),
         "batch_size": 1, "warmup": warmup, "iters": iters,
         "latency_median_ms": median * 1e3, "latency_p90_ms": percentile(times, 90) * 1e3,
-        "latency_mean_ms": statistics.fmean(times) * 1e3, "fps": 1.0 / median,
+        "latency_mean_ms": statistics.fmean(times) * 1e3, "latency_min_ms": min(times) * 1e3,
+        "cpu_time_median_ms": statistics.median(cpu) * 1e3, "fps": 1.0 / median,
         "first_call_ms": first * 1e3, "one_off_s": max(0.0, first - median),
         "shots": shots if getattr(cls, "few_shot", False) else 0, "support_s": support_s,
         "infer_peak_mib": infer_peak, "infer_extra_mib": infer_extra,

@@ -614,7 +614,9 @@ def accuracy_fps_svg(overall: Table | None, cost: pd.DataFrame) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    device = cost["device"].iloc[0]
+    kinds = cost.get("device_type", pd.Series([""] * len(cost), index=cost.index)).astype(str)
+    gpu = cost[kinds.str.lower() == "cuda"]
+    device = (gpu if len(gpu) else cost)["device"].iloc[-1]  # a GPU if measured, else the latest
     c = cost[cost["device"] == device]
     fps = dict(zip(c["method"], pd.to_numeric(c["fps"], errors="coerce")))
     panels = [k for k in ("image_auroc", "pixel_auroc") if k in [col.key for col in overall.columns]]

@@ -27,9 +27,9 @@ def records(protocol_file: Path) -> dict[str, dict]:
 
 
 def test_time_calls_counts_and_percentile() -> None:
-    calls = []
-    times = profiling.time_calls(lambda: calls.append(1), "cpu", warmup=10, iters=50)
-    assert len(calls) == 60 and len(times) == 50 and all(t >= 0 for t in times)
+    calls, cpu = [], []
+    times = profiling.time_calls(lambda: calls.append(1), "cpu", warmup=10, iters=50, cpu_times=cpu)
+    assert len(calls) == 60 and len(times) == len(cpu) == 50 and all(t >= 0 for t in times)
     assert profiling.percentile([1.0, 2.0, 3.0, 4.0, 5.0], 90) == pytest.approx(4.6)
     with pytest.raises(ValueError, match="warmup"):
         profiling.profile_method("clip", None, warmup=1, iters=50)
@@ -76,7 +76,8 @@ def test_records_of_a_training_free_and_a_trained_method(records: dict[str, dict
     clip, coop = records["clip"], records["coop"]
     for r in (clip, coop):
         assert r["warmup"] >= 10 and r["iters"] >= 50 and r["batch_size"] == 1
-        assert 0 < r["latency_median_ms"] <= r["latency_p90_ms"]
+        assert 0 < r["latency_min_ms"] <= r["latency_median_ms"] <= r["latency_p90_ms"]
+        assert r["cpu_time_median_ms"] > 0
         assert r["fps"] == pytest.approx(1000 / r["latency_median_ms"])
         assert r["infer_peak_mib"] > 0 and r["gflops"] > 0 and r["one_off_s"] >= 0
         assert r["total_params"] > r["learnable_params"] >= 0
