@@ -264,7 +264,8 @@ def test_tta_images_are_independent(tiny_backbone):
     torch.manual_seed(3)
     both, _ = fit_adapter(P, T, protos, scale=1.0, noise_std=0.0)
     one, _ = fit_adapter(P[:1], T[:1], protos[:1], scale=1.0, noise_std=0.0)
-    assert torch.allclose(both[:1], one, atol=1e-6)
+    # batched vs single-image matmuls differ in summation order (~1e-5 after 5 Adam epochs)
+    assert torch.allclose(both[:1], one, atol=1e-4)
 
 
 def test_tta_refines_only_the_map(tiny_backbone):
