@@ -478,13 +478,48 @@ def _vv_forward(backbone: ClipBackbone, images: torch.Tensor, start: int, wanted
     taps: dict[int, torch.Tensor] = {}
     vv_taps: dict[int, torch.Tensor] = {}
     for i, blk in enumerate(backbone.blocks, start=1):
-        if i >= start:
+        if i < start:
+            x = blk(x)
+        elif _is_plain_block(blk):
+            x, vv = _dual_block(blk, x, x if vv is None else vv)
+        else:
             vv = (x if vv is None else vv) + block_attention(blk, blk.ln_1(x), mode="vv")
-        x = blk(x)
+            x = blk(x)
         if i in wanted:
             taps[i] = x
             vv_taps[i] = vv
     return backbone.project_tokens(x[:, 0]), taps, vv_taps
+
+
+def _is_plain_block(blk: nn.Module) -> bool:
+    """An open_clip ``ResidualAttentionBlock`` whose forward :func:`_dual_block` reproduces."""
+    attn = getattr(blk, "attn", None)
+    return (type(blk).__name__ == "ResidualAttentionBlock" and not hasattr(blk, "ln_1_kv")
+            and isinstance(attn, nn.MultiheadAttention) and attn.in_proj_weight is not None
+            and attn.batch_first and all(hasattr(blk, n) for n in ("ln_1", "ls_1", "ln_2", "mlp", "ls_2")))
+
+
+def _dual_block(blk: nn.Module, x: torch.Tensor, vv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block on both paths with one Q-K-V projection (the authors' dual-path attention).
+
+    Original path: ``x + ls_1(Attn(Q, K, V)) -> + ls_2(MLP(ln_2(.)))`` — open_clip's block
+    forward; V-V path: ``vv + ls_1(Attn(V, V, V))``, no FFN. Both attentions share the values
+    of ``ln_1(x)`` and run as one batched call.
+    """
+    attn = blk.attn
+    B, L, W = x.shape
+    H = attn.num_heads
+    q, k, v = F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(B, L, H, W // H).transpose(1, 2)
+
+    q, k, v = heads(q), heads(k), heads(v)
+    out = F.scaled_dot_product_attention(torch.cat([q, v]), torch.cat([k, v]), torch.cat([v, v]))
+    out = blk.ls_1(attn.out_proj(out.transpose(1, 2).reshape(2 * B, L, W)))
+    x = x + out[:B]
+    x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+    return x, vv + out[B:]
 
 
 def window_indices(grid: tuple[int, int], size: int, stride: int = 1,
