@@ -30,7 +30,7 @@ Algorithm
 ---------
 All pixel metrics are derived from one "ranking" of a category's pixels: the normal
 pixels' scores sorted once (``np.sort``, in place, no index array), the anomalous pixels'
-scores sorted, and two ``searchsorted`` passes giving, for every anomalous pixel, how many
+scores sorted, and a ``searchsorted`` pass giving, for every anomalous pixel, how many
 normal pixels score strictly below / at most its score. From these counts
 
 * AUROC = ``(sum(below) + sum(at_most)) / (2 * P * N)`` (exact, integer sums),
@@ -42,11 +42,14 @@ normal pixels score strictly below / at most its score. From these counts
   linearly joined segment) from ``a`` to ``b``, one afterwards -- clipped at ``fpr_limit``.
   This equals the trapezoidal integral of the piecewise-linear PRO curve exactly.
 
-The cost is ``O(M log M)`` for ``M`` pixels (one sort of the normal pixels plus the much
-smaller anomalous set). Memory: one ``float32`` copy of the normal pixels (``float64`` only
-when the maps are ``float64``), plus ``O(P)`` for the ``P`` anomalous pixels; masks are
-converted and connected-component labelled in chunks of images, so no full-size ``int32``
-label volume or boolean temporary is ever built.
+The cost is ``O(M log M)`` for ``M`` pixels. :func:`aupro` alone needs only the normal
+scores above the FPR limit: it finds them with an ``O(M)`` partition and sorts just those
+(30 % of them at the default limit), and drops the anomalous pixels that score below
+all of them. float32 anomalous scores are sorted together with their region ids as packed
+``uint64`` keys (no ``argsort``). Memory: one copy of the normal scores (``float32``;
+``float64`` only when the maps are ``float64``), plus ``O(P)`` for the ``P`` anomalous
+pixels; masks are converted and connected-component labelled in chunks of images, so no
+full-size ``int32`` label volume or boolean temporary is ever built.
 
 NumPy arrays and torch tensors are accepted. CPU tensors are viewed as NumPy arrays
 (NumPy's vectorised sort is much faster than ``torch.sort`` on CPU); tensors on an
