@@ -7,9 +7,9 @@ baselines on a 10-map subset, so the file stays quick. To measure::
     pytest tests/test_metrics_perf.py --benchmark-enable --runslow -m slow   # 1725 x 518^2
 
 Each category is compared with (a) one ``np.argsort`` of the same pixels and (b) the
-200-threshold AUPRO approximation (AnomalyCLIP / cflow-ad recipe, here with the connected
-components labelled once instead of at every threshold, so the baseline is *faster* than
-the shipped code). Figures are recorded in docs/performance.md ("Metrics").
+200-threshold AUPRO approximation (AnomalyCLIP / cflow-ad recipe, here vectorised with the
+connected components labelled once instead of at every threshold, so the baseline is much
+*faster* than the shipped code). Figures are recorded in docs/performance.md ("Metrics").
 """
 
 from __future__ import annotations
@@ -40,17 +40,21 @@ def make_category(n: int, h: int, w: int, cell: int, seed: int = 0):
 
 
 def aupro_200_thresholds(masks: np.ndarray, maps: np.ndarray, expect_fpr: float = 0.3) -> float:
-    """Baseline: the 200-threshold approximation, vectorised, regions labelled once."""
+    """Baseline: the 200-threshold approximation, vectorised.
+
+    Stronger than the shipped code: regions are labelled once (not at every threshold) and
+    the normal / anomalous scores are split once, so each threshold costs two comparisons.
+    """
     labels, n = ndimage.label(masks, structure=_STRUCTURE)
     area = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    normal = ~masks
-    n_normal = np.count_nonzero(normal)
+    pos, pos_labels, neg = maps[masks], labels[masks], maps[~masks]
+    del labels
     lo, hi = maps.min(), maps.max()
     fprs, pros = [], []
     for th in np.arange(lo, hi, (hi - lo) / 200):
-        det = maps > th
-        fprs.append(np.count_nonzero(det & normal) / n_normal)
-        pros.append((np.bincount(labels[det], minlength=n + 1)[1:] / area).mean())
+        fprs.append(np.count_nonzero(neg > th) / neg.size)
+        tp = np.bincount(pos_labels[pos > th], minlength=n + 1)[1:]
+        pros.append((tp / area).mean())
     fprs, pros = np.array(fprs), np.array(pros)
     keep = fprs < expect_fpr
     fprs, pros = fprs[keep], pros[keep]
