@@ -94,7 +94,7 @@ def device_name(device: torch.device | str) -> str:
     except OSError:
         pass
     model = model or platform.processor() or platform.machine() or "cpu"
-    return f"CPU {model} ({torch.get_num_threads()} threads)"
+    return f"CPU {model} ({torch.get_num_threads()} thread(s))"
 
 
 def synchronize(device: torch.device | str) -> None:

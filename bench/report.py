@@ -185,6 +185,10 @@ class Table:
                 continue
             for shots in {r.shots for r in self.rows}:  # few-shot rows ranked apart
                 rows = [r for r in self.rows if r.shots == shots]
+                if len(rows) < 2 and len(self.rows) > 1:  # a lone few-shot row: nothing to rank
+                    for r in rows:
+                        r.cells[j].rank = 0
+                    continue
                 vals = sorted({rounded(r.cells[j].mean) for r in rows if r.cells[j].defined},
                               reverse=True)
                 for r in rows:
@@ -560,9 +564,14 @@ def cost_table(cost: pd.DataFrame, methods: list[str]) -> Table:
         rows.append(Row(reported.method_display(r["method"]), r["method"], "", 0, cells, {
             "device": r.get("device", ""), "backbone": f"{r.get('backbone', '')}",
             "reference": refs.get(r.get("device"), "")}))
+    info = ["device", "backbone"]
+    where = ""
+    if len({(r.info["device"], r.info["backbone"]) for r in rows}) == 1 and rows:
+        info = []  # one machine, one backbone: say it once
+        where = f"Device: {rows[0].info['device']}; backbone: {rows[0].info['backbone']}. "
     return Table("cost", "Cost", cols, rows, kind="cost",
-                 info_columns=["device", "backbone"],
-                 caption="Batch size 1, preprocessed tensor on the device, median and p90 of the "
+                 info_columns=info,
+                 caption=where + "Batch size 1, preprocessed tensor on the device, median and p90 of the "
                          "timed iterations after warm-up; FPS = 1 / median. Latency ÷ reference "
                          "= this method's median over CLIP's (else the fastest method's) on the "
                          "same device. On a CPU only such ratios mean anything. One-off setup = "
@@ -587,8 +596,8 @@ def cost_ratio_table(cost: pd.DataFrame) -> pd.DataFrame:
         g = g.dropna(subset=["inference_s_per_image"])
         if len(g) < 2:
             continue
-        ref = g[g["method_id"] == "anomalyclip"]
-        ref = ref.iloc[0] if len(ref) else g.iloc[0]
+        ref = next((g[g["method_id"] == m].iloc[0] for m in ("anomalyclip", "clip", "mpa")
+                    if (g["method_id"] == m).any()), g.iloc[0])
         for dev, c in cost.groupby("device"):
             lat = dict(zip(c["method"], pd.to_numeric(c["latency_median_ms"], errors="coerce")))
             for r in g.itertuples():

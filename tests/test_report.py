@@ -313,3 +313,13 @@ def test_suite_citation_matches_citation_cff() -> None:
     title = re.search(r'^title: "(.*)"$', cff, re.M).group(1)
     version = re.search(r"^version: (.*)$", cff, re.M).group(1).strip()
     assert title in report.SUITE_BIBTEX and f"version = {{{version}}}" in report.SUITE_BIBTEX
+
+
+def test_few_shot_rows_are_ranked_apart() -> None:
+    cols = [report.Column("image_auroc", "AUROC", "Image")]
+    rows = [report.Row("A", "a", cells=[report.Cell(80.0)]),
+            report.Row("B", "b", cells=[report.Cell(70.0)]),
+            report.Row("C (1-shot)", "c", shots=1, cells=[report.Cell(95.0)])]
+    t = report.Table("x", "x", cols, rows)
+    t.rank()
+    assert [r.cells[0].rank for r in rows] == [1, 2, 0]
