@@ -50,10 +50,12 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def demo(session: nox.Session) -> None:
-    """Every registered method on the embedded demo data (5 seeds), then the HTML report."""
+    """Every registered method on the embedded demo data (5 seeds), its cost table, the report."""
     _ensure_installed(session)
     session.run("python", "-m", "bench", "run", "--protocol", "demo", "--data-root", "data",
                 "--results", DEMO_RESULTS, *session.posargs, external=True)
+    session.run("python", "-m", "bench", "profile", "--protocol", "demo", "--device", "cpu",
+                "--results", DEMO_RESULTS, external=True)
     session.run("python", "-m", "bench", "report", DEMO_RESULTS, "--out", SITE, external=True)
     session.log(f"open {SITE}/index.html")
 
