@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from bench import reported
-from bench.results import load
+from bench.results import load, read_jsonl
 
 log = logging.getLogger("zsad_bench.report")
 
@@ -518,17 +518,7 @@ COST_COLUMNS: tuple[tuple[str, str, int], ...] = (
 
 def load_cost(results_dir: Path) -> pd.DataFrame:
     """Every ``cost.jsonl`` at or below ``results_dir``; the latest record per measurement."""
-    paths = sorted(Path(results_dir).rglob("cost.jsonl"))
-    recs = []
-    for p in paths:
-        for line in p.read_text(encoding="utf-8").splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                recs.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    recs = [r for p in sorted(Path(results_dir).rglob("cost.jsonl")) for r in read_jsonl(p)]
     if not recs:
         return pd.DataFrame()
     df = pd.DataFrame(recs)

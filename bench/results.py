@@ -54,7 +54,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a .jsonl file; blank lines and a torn (killed) line are skipped."""
     out = []
     if not path.is_file():
         return out
@@ -84,7 +85,7 @@ class ResultStore:
 
     # -- units and records ------------------------------------------------------------
     def done_units(self) -> dict[str, dict[str, Any]]:
-        return {u["unit"]: u for u in _read_jsonl(self.units_path)}
+        return {u["unit"]: u for u in read_jsonl(self.units_path)}
 
     def repair(self) -> int:
         """Drop records whose unit never finished (killed run). Returns how many were dropped."""
@@ -211,8 +212,8 @@ def load(directory: str | Path) -> pd.DataFrame:
                                 f"`zsad-bench run --protocol demo --results {directory}` first")
     frames = []
     for d in stores:
-        done = {u["unit"] for u in _read_jsonl(d / "units.jsonl")}
-        recs = [r for r in _read_jsonl(d / "records.jsonl") if r.get("unit") in done]
+        done = {u["unit"] for u in read_jsonl(d / "units.jsonl")}
+        recs = [r for r in read_jsonl(d / "records.jsonl") if r.get("unit") in done]
         if recs:
             df = pd.DataFrame(recs)
             df["run"] = str(d)
