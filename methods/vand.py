@@ -18,8 +18,9 @@ The zero-shot track solution of the VAND 2023 challenge, as its technical report
   (the linear layers do not touch it).
 * **Training.** Adam, lr 1e-3, betas (0.5, 0.999), batch 8; 3 epochs on MVTec AD with the
   4-image mosaic augmentation at rate 0.2 (:class:`methods.augment.Mosaic`), 15 epochs on VisA
-  without it. A protocol cannot vary hyper-parameters per transfer yet, so ``epochs`` defaults
-  to the MVTec AD value (3); the mosaic is skipped automatically on VisA batches.
+  without it. ``epochs`` defaults to the MVTec AD value (3); the full protocol sets 15 for the
+  VisA transfer (``[transfers.hparams.vand]``); the mosaic is skipped automatically on VisA
+  batches.
 
 Layer numbers refer to a 24-block ViT; :func:`scale_layers` maps them proportionally onto a
 backbone with another depth (the 4-block demo backbone taps blocks 1, 2, 3, 4).
@@ -115,7 +116,7 @@ class VAND(Method):
   journal={arXiv preprint arXiv:2305.17382}, year={2023}}"""
     default_hparams: dict[str, Any] = {
         "layers": [6, 12, 18, 24],      # of a 24-block ViT; mapped by scale_layers
-        "epochs": 3,                    # MVTec AD as aux (VisA as aux: 15; not per-transfer yet)
+        "epochs": 3,                    # MVTec AD as aux (VisA as aux: 15, set in full.toml)
         "lr": 1e-3,
         "betas": [0.5, 0.999],
         "batch_size": 8,
