@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from bench.report import render
-from tests.test_report_data import make_store
+from tests.report_data import make_store
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 

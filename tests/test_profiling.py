@@ -122,7 +122,7 @@ def test_cli_appends_to_the_result_store_and_report_shows_it(protocol_file: Path
                                                              tmp_path: Path, capsys) -> None:
     from bench.cli import main
     from bench.report import render
-    from tests.test_report_data import make_store
+    from tests.report_data import make_store
 
     run = make_store(tmp_path / "run", with_cost=False)
     rc = main(["profile", "--methods", "clip", "--protocol", str(protocol_file),

@@ -14,7 +14,7 @@ import pytest
 from bench import report
 from bench.metrics import aggregate
 from bench.results import load
-from tests.test_report_data import DATASETS, make_store
+from tests.report_data import DATASETS, make_store
 
 NUM = re.compile(r"[+-]?\d[\d,]*\.\d+|[+-]?\d[\d,]*")
 
