@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import Method, Prediction, register
+from methods.common import gaussian_blur, scale_layers
 from methods.losses import dice_loss, focal_loss
-from methods.vand import scale_layers
 
 BIBTEX = """@inproceedings{fang2025afclip,
   title={AF-CLIP: Zero-Shot Anomaly Detection via Anomaly-Focused CLIP Adaptation},
@@ -171,29 +171,6 @@ def patch_alignment_loss(patches: Sequence[torch.Tensor], mask: torch.Tensor) ->
         mean_same = ((s_n * s_n).sum() + (s_a * s_a).sum()) / pairs_same
         total = total + F.relu(mean_na - mean_same)
     return total / len(patches)
-
-
-def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    """Gaussian smoothing of maps [B, H, W] as ``scipy.ndimage.gaussian_filter(m, sigma)`` per map.
-
-    Separable kernel of radius ``int(truncate · sigma + 0.5)``, boundary mode ``reflect``
-    (half-sample symmetric), which is what AF-CLIP's evaluation (and AnomalyCLIP's) calls.
-    """
-    if sigma <= 0:
-        return maps
-    radius = int(truncate * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    k = (k / k.sum()).to(maps)
-    out = maps[:, None]
-    for dim in (2, 3):
-        n = out.shape[dim]
-        idx = torch.arange(-radius, n + radius) % (2 * n)
-        idx = torch.where(idx < n, idx, 2 * n - 1 - idx).to(maps.device)
-        padded = out.index_select(dim, idx)
-        kern = k.reshape(1, 1, -1, 1) if dim == 2 else k.reshape(1, 1, 1, -1)
-        out = F.conv2d(padded, kern)
-    return out[:, 0]
 
 
 # ======================================================================================

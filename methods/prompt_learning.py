@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,36 +31,14 @@ from torch import nn
 
 from bench.backbone import encode_image_vv
 from methods.base import Method
-
-#: ViT-L/14: 24 visual blocks, 12 text blocks — the depths the papers' layer numbers refer to.
-REFERENCE_VISUAL_DEPTH = 24
-REFERENCE_TEXT_DEPTH = 12
-
-
-# -- layer mapping -----------------------------------------------------------------------
-
-def scale_layer(layer: int, depth: int, reference: int = REFERENCE_VISUAL_DEPTH) -> int:
-    """Map a 1-based block number of a ``reference``-block tower onto a ``depth``-block one.
-
-    ``round_half_up(layer · depth / reference)`` clamped to ``1..depth``: the identity on
-    ViT-L/14; 12 blocks: 6 → 3, 24 → 12; the 4-block ``zsad-tiny``: 6 → 1, 12 → 2, 18 → 3,
-    24 → 4 (the rule of :func:`methods.vand.scale_layers`, kept here so this family only
-    imports from ``bench``). A 0 stays 0 (meaning "none").
-    """
-    if int(layer) <= 0:
-        return 0
-    return min(depth, max(1, math.floor(int(layer) * depth / reference + 0.5)))
-
-
-def scale_layers(layers: Sequence[int], depth: int, reference: int = REFERENCE_VISUAL_DEPTH) -> list[int]:
-    """:func:`scale_layer` on every entry, duplicates dropped (order kept)."""
-    out: list[int] = []
-    for layer in layers:
-        mapped = scale_layer(layer, depth, reference)
-        if mapped not in out:
-            out.append(mapped)
-    return out
-
+from methods.common import (  # noqa: F401 - re-exported for the family's modules
+    REFERENCE_TEXT_DEPTH,
+    REFERENCE_VISUAL_DEPTH,
+    gaussian_blur,
+    scale_first_block,
+    scale_layer,
+    scale_layers,
+)
 
 # -- learnable text prompts ----------------------------------------------------------------
 
@@ -199,32 +176,6 @@ def similarity_map(patch_logits: torch.Tensor, grid: tuple[int, int], size: tupl
     return F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
 
 
-def _reflect_index(n: int, pad: int, device: torch.device) -> torch.Tensor:
-    """Indices of ``scipy.ndimage``'s 'reflect' (half-sample symmetric) padding."""
-    idx = torch.arange(-pad, n + pad, device=device) % (2 * n)
-    return torch.where(idx >= n, 2 * n - 1 - idx, idx)
-
-
-def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    """``scipy.ndimage.gaussian_filter(m, sigma)`` on every map [B, H, W] (mode 'reflect').
-
-    AnomalyCLIP smooths its test maps with σ = 4 (``test.py``). ``sigma`` <= 0: unchanged.
-    """
-    if sigma <= 0:
-        return maps
-    r = int(truncate * sigma + 0.5)
-    x = torch.arange(-r, r + 1, dtype=maps.dtype, device=maps.device)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    k = k / k.sum()
-    B, H, W = maps.shape
-    out = maps[:, _reflect_index(H, r, maps.device)]                 # [B, H + 2r, W]
-    out = F.conv1d(out.transpose(1, 2).reshape(-1, 1, H + 2 * r), k.view(1, 1, -1))
-    out = out.reshape(B, W, H).transpose(1, 2)
-    out = out[:, :, _reflect_index(W, r, maps.device)]               # [B, H, W + 2r]
-    out = F.conv1d(out.reshape(-1, 1, W + 2 * r), k.view(1, 1, -1))
-    return out.reshape(B, H, W)
-
-
 def avg_pool_tokens(tokens: torch.Tensor, grid: tuple[int, int], p: int) -> torch.Tensor:
     """Average of every token's ``p × p`` neighbourhood on the patch grid: [B, N, C] -> [B, N, C].
 
@@ -258,7 +209,7 @@ class PromptMethodBase(Method):
     def _visual_layers(self) -> tuple[int, list[int]]:
         """(DPAM start block, tapped blocks) on this backbone (proportional mapping)."""
         bb = self.backbone
-        start = scale_layer(int(self.hparams.get("dpam_start", 0)), bb.num_layers)
+        start = scale_first_block(int(self.hparams.get("dpam_start", 0)), bb.num_layers)
         layers = scale_layers(self.hparams.get("feature_layers", [24]), bb.num_layers)
         if start:
             layers = [max(layer, start) for layer in layers]

@@ -28,7 +28,6 @@ backbone with another depth (the 4-block demo backbone taps blocks 1, 2, 3, 4).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,10 +38,8 @@ from torch import nn
 from bench.backbone import compose_prompts, encode_prompts, ensemble_mean
 from methods.augment import Mosaic
 from methods.base import Method, Prediction, register
+from methods.common import scale_layers
 from methods.losses import dice_loss, focal_loss
-
-#: Depth the papers' layer numbers refer to (OpenAI ViT-L/14).
-REFERENCE_DEPTH = 24
 
 #: VAND's state words (``prompt_ensemble.py`` of the released code).
 VAND_NORMAL_STATES = (
@@ -65,21 +62,6 @@ VAND_TEMPLATES = (
     "there is a {} in the scene.", "there is the {} in the scene.", "this is a {} in the scene.",
     "this is the {} in the scene.", "this is one {} in the scene.",
 )
-
-
-def scale_layers(layers: Sequence[int], depth: int, reference: int = REFERENCE_DEPTH) -> list[int]:
-    """Map block numbers of a ``reference``-block ViT onto a ``depth``-block one, proportionally.
-
-    Block ``l`` (1-based) becomes ``round_half_up(l · depth / reference)``, clamped to
-    ``1..depth``; duplicates are dropped (order kept). On a 24-block backbone this is the
-    identity; 12 blocks: [6, 12, 18, 24] -> [3, 6, 9, 12]; 4 blocks -> [1, 2, 3, 4].
-    """
-    out: list[int] = []
-    for layer in layers:
-        mapped = min(depth, max(1, math.floor(int(layer) * depth / reference + 0.5)))
-        if mapped not in out:
-            out.append(mapped)
-    return out
 
 
 def class_text_features(backbone: Any, obj: str, templates: Sequence[str], normal: Sequence[str],
