@@ -10,7 +10,10 @@ synthetic defects of :mod:`bench.synthetic`. They are laid out exactly like MVTe
     <root>/<category>/ground_truth/<defect>/000_mask.png
 
 * ``demo_aux`` (auxiliary/training set): three texture families built from the texture
-  photos ``brick``, ``grass`` and ``gravel``, tinted per family.
+  photos ``brick``, ``grass`` and ``gravel``, tinted per family, and four object/scene
+  categories cropped from ``rocket``, ``camera`` (a photographer), ``coins`` and
+  ``immunohistochemistry`` (a stained tissue sample) - 280 test images, so that the
+  trained methods see a few hundred optimisation steps, as on MVTec AD's 1,725.
 * ``demo_target`` (the unseen evaluation set): three object categories cropped from the
   photos ``coffee`` (a coffee cup), ``chelsea`` (a cat) and ``astronaut``.
 
@@ -39,14 +42,21 @@ from .base import DatasetAdapter, register_adapter
 
 #: Side of every demo image, in pixels.
 IMAGE_SIZE = 64
+#: Images per category of demo_target (train normals, test normals, test anomalies).
 N_TRAIN_GOOD = 8
 N_TEST_GOOD = 8
 N_TEST_ANOMALOUS = 12
+#: The same for demo_aux, whose test split is what the trained methods learn from.
+AUX_N_TEST_GOOD = 16
+AUX_N_TEST_ANOMALOUS = 24
 #: Defect folders of both demo datasets; the anomalous test images are spread evenly.
 DEFECT_TYPES = ("crack", "hole", "scratch", "stain")
 
 #: category -> skimage.data function name of its source photo (texture photos).
-AUX_SOURCES: dict[str, str] = {"brick": "brick", "grass": "grass", "gravel": "gravel"}
+AUX_SOURCES: dict[str, str] = {
+    "brick": "brick", "grass": "grass", "gravel": "gravel",
+    "rocket": "rocket", "photographer": "camera", "coins": "coins", "tissue": "immunohistochemistry",
+}
 #: category -> skimage.data function name of its source photo (object photos).
 TARGET_SOURCES: dict[str, str] = {"coffee": "coffee", "cat": "chelsea", "astronaut": "astronaut"}
 #: skimage.data functions that return the same photograph under another name.
@@ -54,10 +64,15 @@ SOURCE_ALIASES: dict[str, tuple[str, ...]] = {"chelsea": ("cat",), "cat": ("chel
 
 #: Per-category RGB tint of the (grey) texture photos of demo_aux.
 _AUX_TINT = {"brick": (1.0, 0.62, 0.48), "grass": (0.62, 0.95, 0.52), "gravel": (0.95, 0.9, 0.8)}
-#: Region (y0, x0, y1, x1) of each target photo that the object crops are drawn from.
+#: Region (y0, x0, y1, x1) of each object photo that the object crops are drawn from.
 _TARGET_BOX = {"coffee": (0, 20, 400, 500), "cat": (0, 60, 300, 420), "astronaut": (0, 60, 512, 512)}
+_AUX_BOX = {"rocket": (0, 170, 427, 470), "photographer": (0, 0, 512, 512),
+            "coins": (0, 0, 303, 384), "tissue": (0, 0, 512, 512)}
 
 _SEEDS = {"demo_aux": 20240901, "demo_target": 20240902}
+#: Written next to the generated categories; bump the version when the generator changes.
+GENERATOR_FILE = "GENERATOR.txt"
+GENERATOR_VERSION = 2
 
 _LICENCE = (
     "Generated from photographs bundled with scikit-image (skimage.data). scikit-image "
@@ -128,9 +143,9 @@ class _DemoAdapter(DatasetAdapter):
     download_url: ClassVar[str] = "(generated locally; nothing to download)"
     licence: ClassVar[str] = _LICENCE
     sources: ClassVar[dict[str, str]] = {}
-    published_counts: ClassVar[dict[str, int]] = {
-        "normal": 3 * N_TEST_GOOD, "anomalous": 3 * N_TEST_ANOMALOUS,
-    }
+    n_train_good: ClassVar[int] = N_TRAIN_GOOD
+    n_test_good: ClassVar[int] = N_TEST_GOOD
+    n_test_anomalous: ClassVar[int] = N_TEST_ANOMALOUS
     layout: ClassVar[str] = (
         "<root>/<category>/{train,test}/good/NNN.png, <root>/<category>/test/<defect>/NNN.png, "
         "<root>/<category>/ground_truth/<defect>/NNN_mask.png (MVTec AD layout; 64x64 PNG). "
@@ -148,12 +163,12 @@ class _DemoAdapter(DatasetAdapter):
             rng = np.random.default_rng([_SEEDS[self.name], ci])
             src = load_source(self.sources[category])
             base = root / category
-            for i in range(N_TRAIN_GOOD):
+            for i in range(self.n_train_good):
                 _save(self._normal(category, src, rng), base / "train" / "good" / f"{i:03d}.png")
-            for i in range(N_TEST_GOOD):
+            for i in range(self.n_test_good):
                 _save(self._normal(category, src, rng), base / "test" / "good" / f"{i:03d}.png")
             counters = dict.fromkeys(DEFECT_TYPES, 0)
-            for i in range(N_TEST_ANOMALOUS):
+            for i in range(self.n_test_anomalous):
                 defect = DEFECT_TYPES[i % len(DEFECT_TYPES)]
                 clean = self._normal(category, src, rng)
                 img, mask = apply_defect(defect, clean, rng)
@@ -162,6 +177,23 @@ class _DemoAdapter(DatasetAdapter):
                 _save(img, base / "test" / defect / f"{k:03d}.png")
                 _save(mask.astype(np.uint8) * 255, base / "ground_truth" / defect / f"{k:03d}_mask.png")
         (root / "LICENSE.txt").write_text(self.licence + "\n")
+        (root / GENERATOR_FILE).write_text(self.generator_stamp() + "\n")
+
+    def generator_stamp(self) -> str:
+        """What a generated tree depends on (categories, sources, crops, counts, seed)."""
+        spec = repr((GENERATOR_VERSION, self.name, self.categories, self.sources,
+                     {c: (_AUX_TINT.get(c), _AUX_BOX.get(c), _TARGET_BOX.get(c)) for c in self.categories},
+                     self.n_train_good, self.n_test_good, self.n_test_anomalous, IMAGE_SIZE,
+                     DEFECT_TYPES, _SEEDS[self.name]))
+        return f"{self.name} {hashlib.sha256(spec.encode()).hexdigest()[:16]}"
+
+    def stale_reason(self, root: str | Path) -> str | None:
+        """Why the tree under ``root`` is not what :meth:`generate` writes now (``None``: it is)."""
+        base, _ = self._base(root)
+        stamp = base / GENERATOR_FILE
+        found = stamp.read_text().strip() if stamp.is_file() else "no " + GENERATOR_FILE
+        want = self.generator_stamp()
+        return None if found == want else f"{stamp}: {found!r}, this version writes {want!r}"
 
     # -- adapter API ----------------------------------------------------------------
     def _base(self, root: str | Path) -> tuple[Path, str]:
@@ -208,15 +240,25 @@ class _DemoAdapter(DatasetAdapter):
 
 @register_adapter("demo_aux")
 class DemoAux(_DemoAdapter):
-    """Texture photos with synthetic defects: the demo's auxiliary (training) set."""
+    """Texture and object photos with synthetic defects: the demo's auxiliary (training) set."""
 
-    display_name: ClassVar[str] = "Demo auxiliary (textures)"
+    display_name: ClassVar[str] = "Demo auxiliary (textures and objects)"
     categories: ClassVar[tuple[str, ...]] = tuple(AUX_SOURCES)
-    prompt_names: ClassVar[dict[str, str]] = {"brick": "brick wall", "grass": "grass", "gravel": "gravel"}
+    prompt_names: ClassVar[dict[str, str]] = {
+        "brick": "brick wall", "grass": "grass", "gravel": "gravel", "rocket": "rocket",
+        "photographer": "photographer", "coins": "coins", "tissue": "tissue sample",
+    }
     sources: ClassVar[dict[str, str]] = AUX_SOURCES
+    n_test_good: ClassVar[int] = AUX_N_TEST_GOOD
+    n_test_anomalous: ClassVar[int] = AUX_N_TEST_ANOMALOUS
+    published_counts: ClassVar[dict[str, int]] = {
+        "normal": len(AUX_SOURCES) * AUX_N_TEST_GOOD, "anomalous": len(AUX_SOURCES) * AUX_N_TEST_ANOMALOUS,
+    }
 
     def _normal(self, category, src, rng):
-        return _texture_crop(src, _AUX_TINT[category], rng)
+        if category in _AUX_TINT:
+            return _texture_crop(src, _AUX_TINT[category], rng)
+        return _object_crop(src, _AUX_BOX[category], rng)
 
 
 @register_adapter("demo_target")
@@ -227,6 +269,9 @@ class DemoTarget(_DemoAdapter):
     categories: ClassVar[tuple[str, ...]] = tuple(TARGET_SOURCES)
     prompt_names: ClassVar[dict[str, str]] = {"coffee": "coffee cup", "cat": "cat", "astronaut": "astronaut"}
     sources: ClassVar[dict[str, str]] = TARGET_SOURCES
+    published_counts: ClassVar[dict[str, int]] = {
+        "normal": len(TARGET_SOURCES) * N_TEST_GOOD, "anomalous": len(TARGET_SOURCES) * N_TEST_ANOMALOUS,
+    }
 
     def _normal(self, category, src, rng):
         return _object_crop(src, _TARGET_BOX[category], rng)

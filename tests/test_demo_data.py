@@ -43,11 +43,11 @@ def test_scan_counts_and_manifest(roots, name):
     train = df[df["split"] == "train"]
     assert (test["label"] == 0).sum() == adapter.published_counts["normal"]
     assert (test["label"] == 1).sum() == adapter.published_counts["anomalous"]
-    assert len(train) == demo.N_TRAIN_GOOD * len(adapter.categories)
+    assert len(train) == adapter.n_train_good * len(adapter.categories)
     assert (train["label"] == 0).all()
     for _cat, g in test.groupby("category"):
-        assert (g["label"] == 0).sum() == demo.N_TEST_GOOD
-        assert (g["label"] == 1).sum() == demo.N_TEST_ANOMALOUS
+        assert (g["label"] == 0).sum() == adapter.n_test_good
+        assert (g["label"] == 1).sum() == adapter.n_test_anomalous
         assert set(g.loc[g["label"] == 1, "defect"]) == set(demo.DEFECT_TYPES)
     assert (df["width"] == demo.IMAGE_SIZE).all() and (df["height"] == demo.IMAGE_SIZE).all()
     assert validate(df, root, has_masks=True, categories=adapter.categories, check_sizes=True) == []
@@ -67,6 +67,15 @@ def test_masks_binary_nonempty_and_sized(roots, name):
         assert set(np.unique(m)) <= {0, 255}
         assert (m > 0).any()
         assert (m > 0).mean() < 0.5
+
+
+def test_aux_is_larger_than_target_and_target_sizes_unchanged():
+    # the trained methods learn from demo_aux's test split: a few hundred images
+    aux, target = get_adapter("demo_aux"), get_adapter("demo_target")
+    n_aux = len(aux.categories) * (aux.n_test_good + aux.n_test_anomalous)
+    assert n_aux == sum(aux.published_counts.values()) == 280
+    # the toy CLIP's model card figures are measured on this target: 3 x (8 + 12)
+    assert (target.n_test_good, target.n_test_anomalous, len(target.categories)) == (8, 12, 3)
 
 
 def test_sources_disjoint():
@@ -102,3 +111,20 @@ def test_defect_generators(kind):
     assert not (changed & ~m1).any(), "pixels outside the mask changed"
     # visible: inside the mask the image differs clearly on average
     assert np.abs(out1.astype(int) - img.astype(int))[m1].mean() > 15
+
+
+def test_a_tree_from_another_generator_version_is_refused_with_the_fix(tmp_path):
+    from bench.protocol import load
+    from bench.runner import RunError, open_dataset
+
+    proto = load("demo")
+    handle = open_dataset(proto, "demo_aux", tmp_path)  # generated now: current
+    assert len(handle.manifest) == sum(get_adapter("demo_aux").published_counts.values()) + 7 * 8
+    stamp = tmp_path / "demo_aux" / demo.GENERATOR_FILE
+    assert get_adapter("demo_aux").stale_reason(tmp_path / "demo_aux") is None
+    stamp.write_text("demo_aux from-an-older-version\n")
+    with pytest.raises(RunError, match=r"GENERATOR\.txt.*Delete .*demo_aux and re-run"):
+        open_dataset(proto, "demo_aux", tmp_path)
+    stamp.unlink()  # trees written before the stamp existed are stale too
+    with pytest.raises(RunError, match="no GENERATOR.txt"):
+        open_dataset(proto, "demo_aux", tmp_path)
