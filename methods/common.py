@@ -45,22 +45,6 @@ def scale_layers(layers: Sequence[int], depth: int, reference: int = REFERENCE_V
     return out
 
 
-def scale_first_block(first: int, depth: int, reference: int = REFERENCE_VISUAL_DEPTH) -> int:
-    """Map "from block ``first`` on" (1-based) keeping the share of the blocks *before* it.
-
-    ``round_half_up((first - 1) · depth / reference) + 1``, clamped to ``1..depth``; 0 stays
-    0 ("none"). For a range that runs to the last block this keeps the fraction of the tower
-    left unmodified, which :func:`scale_layer` (meant for tapped blocks, where block
-    ``reference`` must become ``depth``) does not: AnomalyCLIP's DPAM on blocks 6-24 of 24
-    (5 of 24 blocks untouched) becomes blocks 2-4 of the 4-block ``zsad-tiny`` (1 of 4
-    untouched), where :func:`scale_layer` would give blocks 1-4 (none untouched); on 12
-    blocks: from block 4 (6 -> 3 by :func:`scale_layer`). Identity on ``reference`` blocks.
-    """
-    if int(first) <= 0:
-        return 0
-    return min(depth, max(1, math.floor((int(first) - 1) * depth / reference + 0.5) + 1))
-
-
 def _reflect_index(n: int, pad: int, device: torch.device) -> torch.Tensor:
     """Indices of ``scipy.ndimage``'s 'reflect' (half-sample symmetric) padding."""
     idx = torch.arange(-pad, n + pad, device=device) % (2 * n)

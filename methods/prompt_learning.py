@@ -35,7 +35,6 @@ from methods.common import (  # noqa: F401 - re-exported for the family's module
     REFERENCE_TEXT_DEPTH,
     REFERENCE_VISUAL_DEPTH,
     gaussian_blur,
-    scale_first_block,
     scale_layer,
     scale_layers,
 )
@@ -209,7 +208,7 @@ class PromptMethodBase(Method):
     def _visual_layers(self) -> tuple[int, list[int]]:
         """(DPAM start block, tapped blocks) on this backbone (proportional mapping)."""
         bb = self.backbone
-        start = scale_first_block(int(self.hparams.get("dpam_start", 0)), bb.num_layers)
+        start = scale_layer(int(self.hparams.get("dpam_start", 0)), bb.num_layers)
         layers = scale_layers(self.hparams.get("feature_layers", [24]), bb.num_layers)
         if start:
             layers = [max(layer, start) for layer in layers]

@@ -23,7 +23,6 @@ from methods.prompt_learning import (
     avg_pool_tokens,
     dpam_features,
     encode_text,
-    scale_first_block,
     scale_layer,
     scale_layers,
     two_class_logits,
@@ -46,10 +45,6 @@ def test_layer_mapping_rule() -> None:
     assert scale_layers([6, 12, 18, 24], 4) == [1, 2, 3, 4]
     assert scale_layer(6, 4) == 1 and scale_layer(24, 4) == 4 and scale_layer(0, 4) == 0
     assert scale_layer(9, 12, 12) == 9 and scale_layer(9, 4, 12) == 3
-    # a range "from block l on" keeps the share of untouched blocks before it
-    assert [scale_first_block(6, d) for d in (24, 12, 4)] == [6, 4, 2]
-    assert scale_first_block(0, 4) == 0 and scale_first_block(1, 4) == 1
-    assert [scale_first_block(b, 24) for b in range(1, 25)] == list(range(1, 25))
 
 
 def test_deep_prompt_counts_on_vit_l() -> None:
@@ -107,12 +102,13 @@ def test_anomalyclip_prompts_and_layers(tiny_backbone) -> None:
     assert m.template.texts[0].endswith(" object.") and m.template.texts[1].endswith(" damaged object.")
     assert m.head.ctx_normal.shape == m.head.ctx_anomalous.shape == (12, tiny_backbone.text_width)
     assert len(m.head.deep()) == 2          # depth 9 of 12 -> 3 of the tiny 4 text blocks
-    # DPAM on blocks 6-24 of 24 (5 untouched) -> blocks 2-4 of 4 (1 untouched); features 24 -> 4
-    assert m._visual_layers() == (2, [4])
+    # DPAM from block 6 of 24 -> 1 of 4: it starts at the first tap, as 6 is the first of
+    # [6, 12, 18, 24] in the paper; features 24 -> 4
+    assert m._visual_layers() == (1, [4])
     multi = create_method("anomalyclip", tiny_backbone, feature_layers=[6, 12, 18, 24])
-    assert multi._visual_layers() == (2, [2, 3, 4])   # block 1 is before DPAM: its tap moves to 2
+    assert multi._visual_layers() == (1, [1, 2, 3, 4])
     _, patches = multi.image_features(torch.randn(1, 3, 64, 64))
-    assert sorted(patches) == [2, 3, 4]
+    assert sorted(patches) == [1, 2, 3, 4]
 
 
 def test_anomalyclip_loss_composition(tiny_backbone, batch) -> None:
