@@ -162,7 +162,9 @@ def open_dataset(proto: protocol_mod.Protocol, name: str, data_root: Path,
 
 def _progress(enabled: bool) -> Callable[..., Iterable]:
     def wrap(it: Iterable, **kw: Any) -> Iterable:
-        return tqdm(it, disable=not enabled, leave=False, dynamic_ncols=True, file=sys.stderr, **kw)
+        # disable=None: tqdm draws only on a terminal (no bar lines in CI logs)
+        return tqdm(it, disable=None if enabled else True, leave=False, dynamic_ncols=True,
+                    file=sys.stderr, **kw)
 
     return wrap
 
@@ -259,11 +261,18 @@ class Runner:
     def run(self, jobs: list[Job]) -> dict[str, int]:
         todo = self.pending(jobs)
         skipped = len(jobs) - len(todo)
-        bar = tqdm(todo, desc="jobs", disable=not self.progress, dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(todo, desc="jobs", disable=None if self.progress else True, dynamic_ncols=True,
+                   file=sys.stderr)
+        # without a terminal (CI logs) the bar is off: one line per finished job instead
+        lines = self.progress and bar.disable
         written = 0
-        for job in bar:
+        for i, job in enumerate(bar, 1):
             bar.set_postfix_str(job.id)
+            t0 = time.perf_counter()
             written += self.run_job(job)
+            if lines:
+                print(f"[{i}/{len(todo)}] {job.id} done in {time.perf_counter() - t0:.0f}s",
+                      file=sys.stderr, flush=True)
         return {"jobs": len(jobs), "skipped": skipped, "ran": len(todo), "records": written}
 
     def trained_method(self, job: Job):
