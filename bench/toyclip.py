@@ -189,6 +189,10 @@ class TrainConfig:
     w_rank: float = 0.0
     w_patch: float = 1.0
     w_pool: float = 2.0
+    # experiment, off by default: patch tokens supervised against two free state vectors
+    # (not the prompts), so that the local state is present but left unaligned with text
+    # (docs/methods.md, "The trained methods on the demo")
+    w_patch_free: float = 0.0
     unknown_object_p: float = 0.35  # replace the object words by unseen tokens
     threads: int = 2
     photo_fraction: float = 0.7
@@ -717,6 +721,11 @@ def _train(config: TrainConfig, *, log: Callable[[str], None], progress: bool, e
     gen = torch.Generator().manual_seed(config.seed + 1)
     text = _CompactText(model, known, gen)
     params = [p for p in model.parameters() if p.requires_grad] + [text.weight]
+    free_states = None
+    if config.w_patch_free > 0:  # only then: the default run's RNG stream is unchanged
+        free_states = torch.nn.Parameter(0.02 * torch.randn(2, model.text_projection.shape[1],
+                                                            generator=gen))
+        params.append(free_states)
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
@@ -789,6 +798,11 @@ def _train(config: TrainConfig, *, log: Callable[[str], None], progress: bool, e
         pos_w = (ptarget > 0).float()
         w = pos_w / pos_w.sum().clamp(min=1) + (1 - pos_w) / (1 - pos_w).sum().clamp(min=1)
         l_patch = (F.binary_cross_entropy_with_logits(plog, ptarget, reduction="none") * w).sum() / 2
+        l_free = torch.zeros(())
+        if free_states is not None:  # the experiment: free state vectors, also for pooling
+            plog = _state_logits(patches, free_states[0].expand(b2, -1),
+                                 free_states[1].expand(b2, -1), scale)
+            l_free = (F.binary_cross_entropy_with_logits(plog, ptarget, reduction="none") * w).sum() / 2
         # the class token should agree with the strongest patch evidence (top-k mean of
         # the patch logits, not back-propagated): a state read-out that pools local damage
         k = max(1, plog.shape[1] // 16)
@@ -796,6 +810,8 @@ def _train(config: TrainConfig, *, log: Callable[[str], None], progress: bool, e
         l_pool = F.binary_cross_entropy_with_logits(ilog, torch.sigmoid(pooled))
         loss = (config.w_contrastive * l_con + config.w_image * l_img + config.w_rank * l_rank
                 + config.w_patch * l_patch + config.w_pool * l_pool)
+        if free_states is not None:
+            loss = loss + config.w_patch_free * l_free
 
         opt.zero_grad(set_to_none=True)
         loss.backward()
