@@ -18,6 +18,7 @@ network when the weights are already on disk.
 from __future__ import annotations
 
 import os
+import tempfile
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -238,6 +239,25 @@ class ClipBackbone(nn.Module):
         return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
 
 
+def _load_checkpoint(model: nn.Module, path: Path) -> None:
+    """open_clip's checkpoint loading, also for half-precision files at another image size.
+
+    open_clip interpolates the position embeddings to the model's image size in the file's
+    dtype, which CPU bicubic interpolation does not support for fp16/bf16; such a file is
+    upcast to fp32 first (the model is fp32 anyway).
+    """
+    state = open_clip.factory.load_state_dict(str(path))
+    low = [k for k, v in state.items() if v.is_floating_point() and v.dtype != torch.float32]
+    if not low:
+        open_clip.load_checkpoint(model, str(path))
+        return
+    state = {k: v.float() if k in low else v for k, v in state.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / path.name
+        torch.save(state, fp32)
+        open_clip.load_checkpoint(model, str(fp32))
+
+
 def load_clip(
     arch: str,
     pretrained: str | os.PathLike | None = None,
@@ -274,7 +294,7 @@ def load_clip(
             )
         model = open_clip.create_model(arch, pretrained=None, **kwargs)
         try:
-            open_clip.load_checkpoint(model, str(path))
+            _load_checkpoint(model, path)
         except Exception as err:
             raise BackboneError(f"{path}: not a usable {arch} checkpoint ({type(err).__name__}: "
                                 f"{err}). Check that the file matches the architecture.") from err

@@ -51,6 +51,16 @@ def test_checkpoint_round_trip_and_position_interpolation(tmp_path: Path, tiny_b
         big.encode_image(x)
 
 
+def test_half_precision_checkpoint_interpolates_like_fp32(tmp_path: Path, tiny_backbone):
+    # CPU bicubic interpolation has no fp16 kernel: the loader upcasts before resizing.
+    state = tiny_backbone.model.state_dict()
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, tmp_path / "h.pt")
+    torch.save({k: v.half().float() if v.is_floating_point() else v for k, v in state.items()}, tmp_path / "f.pt")
+    half, full = load_clip("zsad-tiny", tmp_path / "h.pt", 96), load_clip("zsad-tiny", tmp_path / "f.pt", 96)
+    assert half.grid_size == 12
+    assert torch.equal(half.model.visual.positional_embedding, full.model.visual.positional_embedding)
+
+
 def test_missing_checkpoint_says_where_to_put_it(tmp_path: Path):
     with pytest.raises(BackboneError, match=r"checkpoint not found: .*nope\.pt\. Put the zsad-tiny weights there"):
         load_clip("zsad-tiny", tmp_path / "nope.pt")
