@@ -46,6 +46,8 @@ from bench.results import load, read_jsonl
 
 log = logging.getLogger("zsad_bench.report")
 
+#: The checkout's reports/templates/ (DESIGN.md), or the copy that an installed wheel carries
+#: as bench/templates/ (pyproject.toml maps one onto the other).
 TEMPLATE_DIRS = (Path(__file__).resolve().parents[1] / "reports" / "templates",
                  Path(__file__).resolve().parent / "templates")
 

@@ -1,0 +1,44 @@
+"""The installed package carries everything a non-editable install needs at run time."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel_names(tmp_path_factory) -> list[str]:
+    out = tmp_path_factory.mktemp("wheel")
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps",
+                           "--no-build-isolation", "-q", "-w", str(out)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"pip wheel failed:\n{proc.stderr[-2000:]}")
+    (whl,) = out.glob("zsad_bench-*.whl")
+    with zipfile.ZipFile(whl) as z:
+        return z.namelist()
+
+
+def test_wheel_holds_the_report_templates(wheel_names):
+    # reports/templates/ (DESIGN.md's place for them) is installed as bench/templates/,
+    # the second of bench.report.TEMPLATE_DIRS
+    from bench.report import TEMPLATE_DIRS
+
+    assert TEMPLATE_DIRS[-1].relative_to(ROOT) == Path("bench/templates")
+    shipped = {Path(n).name for n in wheel_names if n.startswith("bench/templates/")}
+    assert shipped == {p.name for p in (ROOT / "reports" / "templates").iterdir() if p.is_file()}
+
+
+def test_wheel_holds_protocols_configs_and_toy_checkpoint(wheel_names):
+    from bench.toyclip import CHECKPOINT_NAME
+
+    for rel in ("bench/protocols/demo.toml", "bench/protocols/full.toml",
+                "bench/model_configs/zsad-tiny.json", f"bench/data/{CHECKPOINT_NAME}",
+                "methods/base.py", "dataset_adapters/demo.py"):
+        assert rel in wheel_names, rel
