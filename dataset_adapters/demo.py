@@ -69,7 +69,6 @@ _TARGET_BOX = {"coffee": (0, 20, 400, 500), "cat": (0, 60, 300, 420), "astronaut
 _AUX_BOX = {"rocket": (0, 170, 427, 470), "photographer": (0, 0, 512, 512),
             "coins": (0, 0, 303, 384), "tissue": (0, 0, 512, 512)}
 
-_SEEDS = {"demo_aux": 20240901, "demo_target": 20240902}
 #: Written next to the generated categories; bump the version when the generator changes.
 GENERATOR_FILE = "GENERATOR.txt"
 GENERATOR_VERSION = 2
@@ -143,6 +142,8 @@ class _DemoAdapter(DatasetAdapter):
     download_url: ClassVar[str] = "(generated locally; nothing to download)"
     licence: ClassVar[str] = _LICENCE
     sources: ClassVar[dict[str, str]] = {}
+    #: Seed of the generator (per category: ``default_rng([seed, category index])``).
+    seed: ClassVar[int]
     n_train_good: ClassVar[int] = N_TRAIN_GOOD
     n_test_good: ClassVar[int] = N_TEST_GOOD
     n_test_anomalous: ClassVar[int] = N_TEST_ANOMALOUS
@@ -160,7 +161,7 @@ class _DemoAdapter(DatasetAdapter):
         """Write the raw layout under ``root``; identical bytes on every run."""
         root = Path(root)
         for ci, category in enumerate(self.categories):
-            rng = np.random.default_rng([_SEEDS[self.name], ci])
+            rng = np.random.default_rng([self.seed, ci])
             src = load_source(self.sources[category])
             base = root / category
             for i in range(self.n_train_good):
@@ -184,7 +185,7 @@ class _DemoAdapter(DatasetAdapter):
         spec = repr((GENERATOR_VERSION, self.name, self.categories, self.sources,
                      {c: (_AUX_TINT.get(c), _AUX_BOX.get(c), _TARGET_BOX.get(c)) for c in self.categories},
                      self.n_train_good, self.n_test_good, self.n_test_anomalous, IMAGE_SIZE,
-                     DEFECT_TYPES, _SEEDS[self.name]))
+                     DEFECT_TYPES, self.seed))
         return f"{self.name} {hashlib.sha256(spec.encode()).hexdigest()[:16]}"
 
     def stale_reason(self, root: str | Path) -> str | None:
@@ -249,6 +250,7 @@ class DemoAux(_DemoAdapter):
         "photographer": "photographer", "coins": "coins", "tissue": "tissue sample",
     }
     sources: ClassVar[dict[str, str]] = AUX_SOURCES
+    seed: ClassVar[int] = 20240901
     n_test_good: ClassVar[int] = AUX_N_TEST_GOOD
     n_test_anomalous: ClassVar[int] = AUX_N_TEST_ANOMALOUS
     published_counts: ClassVar[dict[str, int]] = {
@@ -269,6 +271,7 @@ class DemoTarget(_DemoAdapter):
     categories: ClassVar[tuple[str, ...]] = tuple(TARGET_SOURCES)
     prompt_names: ClassVar[dict[str, str]] = {"coffee": "coffee cup", "cat": "cat", "astronaut": "astronaut"}
     sources: ClassVar[dict[str, str]] = TARGET_SOURCES
+    seed: ClassVar[int] = 20240902
     published_counts: ClassVar[dict[str, int]] = {
         "normal": len(TARGET_SOURCES) * N_TEST_GOOD, "anomalous": len(TARGET_SOURCES) * N_TEST_ANOMALOUS,
     }

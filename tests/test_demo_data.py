@@ -130,3 +130,23 @@ def test_a_tree_from_another_generator_version_is_refused_with_the_fix(tmp_path)
     stamp.unlink()  # trees written before the stamp existed are stale too
     with pytest.raises(RunError, match="no GENERATOR.txt"):
         open_dataset(proto, "demo_aux", tmp_path)
+
+
+def test_heldout_aux_plugin_is_new_images_of_the_aux_categories(roots, tmp_path):
+    # examples/heldout_aux.py: the in-domain diagnostic target of docs/methods.md
+    from pathlib import Path
+
+    from bench.registry import load_plugin
+
+    plugin = Path(__file__).resolve().parents[1] / "examples" / "heldout_aux.py"
+    load_plugin(plugin)
+    held = get_adapter("demo_aux_heldout")
+    aux = get_adapter("demo_aux")
+    assert held.categories == aux.categories and held.sources == aux.sources
+    assert held.seed != aux.seed and held.generator_stamp() != aux.generator_stamp()
+    held.generate(tmp_path)
+    aux_root = roots["demo_aux"][0]
+    aux_rows, held_rows = aux.scan(aux_root), held.scan(tmp_path)
+    assert len(held_rows) == len(aux_rows)
+    aux_bytes = {(aux_root / p).read_bytes() for p in aux_rows["image"]}
+    assert not any((tmp_path / p).read_bytes() in aux_bytes for p in held_rows["image"])
