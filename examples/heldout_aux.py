@@ -7,9 +7,9 @@ crops, new defects; same sources, tints and defect types). Nothing of it is used
 
 Run it with (about 25 minutes for the trained methods, 5 seeds, on 2 CPU cores)::
 
-    zsad-bench run --protocol examples/heldout_aux.toml --plugin examples/heldout_aux.py \\
+    zsad-bench --plugin examples/heldout_aux.py run --protocol examples/heldout_aux.toml \\
         --results results/heldout_aux
-    zsad-bench report --results results/heldout_aux
+    zsad-bench --plugin examples/heldout_aux.py report results/heldout_aux
 
 Figures and what they show: docs/methods.md, "The trained methods on the demo".
 """
