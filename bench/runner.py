@@ -169,6 +169,16 @@ def _progress(enabled: bool) -> Callable[..., Iterable]:
     return wrap
 
 
+def load_backbone(spec: protocol_mod.BackboneSpec, device: str = "cpu") -> ClipBackbone:
+    """The frozen backbone a protocol names (the toy tag resolves to the shipped checkpoint)."""
+    pretrained = spec.pretrained
+    if pretrained == protocol_mod.TOY_PRETRAINED:
+        from bench.toyclip import checkpoint_path
+
+        pretrained = str(checkpoint_path())
+    return load_clip(spec.arch, pretrained, spec.image_size, device)
+
+
 @dataclass
 class Runner:
     """Runs the jobs of one protocol into one result directory."""
@@ -208,12 +218,7 @@ class Runner:
     def backbone(self, method: str) -> ClipBackbone:
         spec = self.proto.backbone_for(method)
         if spec.key() not in self._backbones:
-            pretrained = spec.pretrained
-            if pretrained == protocol_mod.TOY_PRETRAINED:
-                from bench.toyclip import checkpoint_path
-
-                pretrained = str(checkpoint_path())
-            bb = load_clip(spec.arch, pretrained, spec.image_size, self.device)
+            bb = load_backbone(spec, self.device)
             self._fingerprints[spec.key()] = state_digest(bb.model.state_dict())
             mode = str(self.proto.run.get("feature_cache", "memory"))
             if mode not in ("memory", "disk", "off"):

@@ -1,0 +1,33 @@
+"""The diagnostic examples: the read-out-ceiling probe is cross-fitted (no image scores itself)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_probe_scores_each_image_without_its_own_labels():
+    ceiling = _load("readout_ceiling")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 16, 8))
+    y = x[..., 0] > 0.5  # separable along one channel
+    folds = np.arange(20) % 5
+    out = ceiling.cross_fitted_probe(x, y, folds)
+    assert out.shape == (20, 16)
+    assert ((out > 0) == y).mean() > 0.95
+    flipped = y.copy()
+    flipped[folds == 0] = ~flipped[folds == 0]  # labels of fold 0 are never used for fold 0
+    again = ceiling.cross_fitted_probe(x, flipped, folds)
+    np.testing.assert_allclose(again[folds == 0], out[folds == 0])
+    assert not np.allclose(again[folds != 0], out[folds != 0])
