@@ -10,11 +10,14 @@ AD, trained linear projections ~90), on the toy demo backbone it is small
 
     python examples/readout_ceiling.py --dataset demo_target
     python examples/readout_ceiling.py --dataset demo_aux_heldout --plugin examples/heldout_aux.py
+    python examples/readout_ceiling.py --untrained coop,anomalyclip,tokenclip,mpa,vand,afclip
 
 Probes: (1) the last block's patch tokens in the joint space (``ln_post`` + ``proj``, what
 ``clip`` and the prompt learners read), (2) the layer-normed tokens of every block,
 concatenated (what VAND and AF-CLIP read). A patch is positive when its mask cover is >= 0.1.
 Maps are upsampled bilinearly, as ``clip``'s; pixel AUROC is the mean over categories.
+``--untrained`` adds trained methods as they are before ``fit`` (fresh prompts, projections or
+adapters from ``--seed``, the protocol's hyperparameters): where training starts from.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from sklearn.metrics import roc_auc_score
 from bench import protocol
 from bench.data import collate
 from bench.registry import load_plugin
-from bench.runner import load_backbone, open_dataset
+from bench.runner import load_backbone, open_dataset, seed_everything
 from methods.base import METHODS
 
 
@@ -53,6 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-root", default="data", help="folder holding <dataset>/ (demo data is generated)")
     p.add_argument("--plugin", action="append", default=[], help="plugin file registering the dataset")
     p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--untrained", default="", metavar="M1,M2",
+                   help="also score these trained methods before training (comma-separated)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the untrained methods' initialisation")
     args = p.parse_args(argv)
     for plugin in args.plugin:
         load_plugin(plugin)
@@ -86,6 +92,13 @@ def main(argv: list[str] | None = None) -> None:
           f"{100 * pixel_auroc(as_maps(cross_fitted_probe(joint, positive, folds))):.1f}")
     print(f"  probe, every block ({every.shape[-1]}-d)             "
           f"{100 * pixel_auroc(as_maps(cross_fitted_probe(every, positive, folds))):.1f}")
+    aux = proto.transfers[0].aux if proto.transfers else ""
+    for name in filter(None, args.untrained.split(",")):
+        seed_everything(args.seed)
+        method = METHODS.get(name)(bb, **proto.hparams_for(name, aux))
+        with torch.no_grad():
+            maps = method.predict(batch).anomaly_maps.float().numpy()
+        print(f"  {name}, untrained (seed {args.seed})".ljust(43) + f"{100 * pixel_auroc(maps):.1f}")
 
 
 if __name__ == "__main__":
