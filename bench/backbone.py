@@ -246,11 +246,14 @@ def _load_checkpoint(model: nn.Module, path: Path) -> None:
     dtype, which CPU bicubic interpolation does not support for fp16/bf16; such a file is
     upcast to fp32 first (the model is fp32 anyway).
     """
-    state = open_clip.factory.load_state_dict(str(path))
-    low = [k for k, v in state.items() if v.is_floating_point() and v.dtype != torch.float32]
-    if not low:
+    try:
         open_clip.load_checkpoint(model, str(path))
         return
+    except (NotImplementedError, RuntimeError):
+        state = open_clip.factory.load_state_dict(str(path))
+        low = [k for k, v in state.items() if v.is_floating_point() and v.dtype != torch.float32]
+        if not low:
+            raise
     state = {k: v.float() if k in low else v for k, v in state.items()}
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / path.name
