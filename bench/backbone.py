@@ -13,13 +13,28 @@ takes. It exposes the pieces ZSAD methods are built from:
 Weights come from a local checkpoint file, from open_clip's cache, or — with
 ``pretrained=None`` — from a seeded random initialisation (tests). Nothing here needs the
 network when the weights are already on disk.
+
+Two settings of the backbone are part of a method (issue 14; ``docs/methods.md``):
+
+* **activation** — OpenAI's CLIP was trained with QuickGELU (``x * sigmoid(1.702 x)``).
+  open_clip's configs for the OpenAI architectures (``ViT-L-14-336`` …) build ``nn.GELU``
+  and open_clip only warns for the ``openai`` tag (not at all for a checkpoint file).
+  :func:`load_clip` therefore resolves ``activation=None`` to QuickGELU whenever the weights
+  are OpenAI's — the ``openai`` tag, an OpenAI TorchScript archive, or a file whose path
+  names ``openai`` — and protocols state it explicitly for files.
+* **pos_embed_resize** — how the position-embedding grid is resized from the checkpoint's
+  native size to ``image_size``: ``"open_clip"`` (bicubic with antialias at load time, as
+  open_clip and VAND's released code do) or ``"bilinear"`` (bilinear, no antialias,
+  ``align_corners=False``: what AnomalyCLIP's released ``VisionTransformer.forward`` does).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
-import tempfile
 import weakref
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -34,6 +49,15 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 CHECKPOINT_SUFFIXES = {".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz"}
 CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+#: ``activation`` values: open_clip's QuickGELU (OpenAI's CLIP) and ``nn.GELU`` (LAION & co.).
+ACTIVATIONS = ("quick_gelu", "gelu")
+#: ``pos_embed_resize`` values (see the module docstring).
+POS_EMBED_RESIZES = ("open_clip", "bilinear")
+#: Keys of an OpenAI checkpoint (TorchScript state dict) that are metadata, not weights.
+_OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+log = logging.getLogger("zsad_bench")
 
 #: Where the papers' weights come from, for error messages and `full_benchmark`'s check.
 WEIGHT_SOURCES = {
@@ -83,7 +107,7 @@ class ClipBackbone(nn.Module):
     """A frozen open_clip ViT CLIP with the taps ZSAD methods need."""
 
     def __init__(self, model: nn.Module, tokenizer, *, arch: str, pretrained: str | None,
-                 image_size: int) -> None:
+                 image_size: int, pos_embed_resize: str = "open_clip") -> None:
         super().__init__()
         if not hasattr(model, "visual") or not hasattr(model.visual, "transformer"):
             raise BackboneError(f"{arch}: only open_clip ViT models (VisionTransformer) are supported")
@@ -107,6 +131,13 @@ class ClipBackbone(nn.Module):
         self.text_layers = len(model.transformer.resblocks)
         self.context_length = int(model.positional_embedding.shape[0])
         self.mean, self.std = OPENAI_MEAN, OPENAI_STD
+        #: "quick_gelu" or "gelu": what the MLPs of both towers compute (read off the modules)
+        self.activation = model_activation(model)
+        #: how the position grid is resized to ``image_size`` (a no-op at the native size)
+        self.pos_embed_resize = pos_embed_resize
+        self.native_image_size = native_image_size(arch)
+        #: False where ``image_size`` is the architecture's own (``pos_embed_resize`` unused)
+        self.pos_embed_resized = self.native_image_size not in (None, self.image_size)
         self.feature_cache = None  # bench.feature_cache.FeatureCache, attached by the runner
         self.requires_grad_(False)
         self.eval()
@@ -121,7 +152,15 @@ class ClipBackbone(nn.Module):
         return super().train(False)
 
     def describe(self) -> str:
-        return f"{self.arch} ({self.pretrained or 'random init'}) @ {self.image_size}px"
+        act = "QuickGELU" if self.activation == "quick_gelu" else "GELU"
+        resize = f", pos-embed {self.pos_embed_resize}" if self.pos_embed_resized else ""
+        return f"{self.arch} ({self.pretrained or 'random init'}) @ {self.image_size}px, {act}{resize}"
+
+    def settings(self) -> dict[str, object]:
+        """The backbone settings that change features (provenance, cache keys)."""
+        return {"arch": self.arch, "pretrained": self.pretrained, "image_size": self.image_size,
+                "activation": self.activation,
+                "pos_embed_resize": self.pos_embed_resize if self.pos_embed_resized else "native"}
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -239,26 +278,120 @@ class ClipBackbone(nn.Module):
         return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
 
 
-def _load_checkpoint(model: nn.Module, path: Path) -> None:
-    """open_clip's checkpoint loading, also for half-precision files at another image size.
+def native_image_size(arch: str) -> int | None:
+    """The image size of ``arch``'s open_clip config (its checkpoints' position grid)."""
+    register_model_configs()
+    size = ((open_clip.get_model_config(arch) or {}).get("vision_cfg") or {}).get("image_size")
+    if isinstance(size, tuple | list):
+        size = size[0]
+    return int(size) if size else None
 
-    open_clip interpolates the position embeddings to the model's image size in the file's
-    dtype, which CPU bicubic interpolation does not support for fp16/bf16; such a file is
-    upcast to fp32 first (the model is fp32 anyway).
+
+def model_activation(model: nn.Module) -> str:
+    """``"quick_gelu"`` if the model's MLPs use open_clip's QuickGELU, else ``"gelu"``."""
+    quick = any(type(m).__name__ == "QuickGELU" for m in model.modules())
+    return "quick_gelu" if quick else "gelu"
+
+
+def is_openai_weights(pretrained: str | os.PathLike | None) -> bool:
+    """True where the weights are recognisably OpenAI's CLIP (trained with QuickGELU).
+
+    The ``openai`` tag; an OpenAI TorchScript archive (``ViT-L-14-336px.pt``); or a file whose
+    path names ``openai`` (e.g. the Hugging Face cache of ``timm/…clip_336.openai``). Other
+    files cannot be told apart from LAION-style ones: protocols state ``activation`` for them.
     """
+    if pretrained is None:
+        return False
+    s = str(pretrained)
+    if s == "openai":
+        return True
+    if not is_checkpoint_path(s):
+        return False
+    path = Path(s).expanduser()
+    return "openai" in s.lower() or _is_torchscript(path)
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (OpenAI's release format): a zip with ``constants.pkl``."""
     try:
-        open_clip.load_checkpoint(model, str(path))
-        return
-    except (NotImplementedError, RuntimeError):
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("constants.pkl") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def resolve_activation(arch: str, pretrained: str | os.PathLike | None,
+                       activation: str | None) -> str:
+    """The activation :func:`load_clip` builds: explicit, else QuickGELU for OpenAI weights,
+    else the architecture config's own."""
+    if activation is not None:
+        if activation not in ACTIVATIONS:
+            raise BackboneError(f"activation must be one of {ACTIVATIONS}, not {activation!r}")
+        return activation
+    if is_openai_weights(pretrained):
+        return "quick_gelu"
+    register_model_configs()
+    cfg = open_clip.get_model_config(arch) or {}
+    return "quick_gelu" if cfg.get("quick_gelu") else "gelu"
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint file's weights as an fp32 state dict (open_clip's reader; TorchScript too).
+
+    Half-precision files are upcast (the model is fp32, and CPU bicubic interpolation of the
+    position embedding has no fp16 kernel); OpenAI's metadata entries are dropped.
+    """
+    if _is_torchscript(path):
+        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+    else:
         state = open_clip.factory.load_state_dict(str(path))
-        low = [k for k, v in state.items() if v.is_floating_point() and v.dtype != torch.float32]
-        if not low:
-            raise
-    state = {k: v.float() if k in low else v for k, v in state.items()}
-    with tempfile.TemporaryDirectory() as tmp:
-        fp32 = Path(tmp) / path.name
-        torch.save(state, fp32)
-        open_clip.load_checkpoint(model, str(fp32))
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()
+            if k not in _OPENAI_META_KEYS}
+
+
+def resize_position_grid(pos: torch.Tensor, grid: tuple[int, int], mode: str) -> torch.Tensor:
+    """Position embedding [1 + n*n, W] (class token first) resized to ``grid`` patches.
+
+    ``"bilinear"``: ``F.interpolate(mode="bilinear")`` (``align_corners=False``, no antialias),
+    AnomalyCLIP's released forward pass; ``"open_clip"``: bicubic with antialias, open_clip's
+    ``resize_pos_embed``.
+    """
+    if mode not in POS_EMBED_RESIZES:
+        raise BackboneError(f"pos_embed_resize must be one of {POS_EMBED_RESIZES}, not {mode!r}")
+    tok, img = pos[:1], pos[1:]
+    old = int(math.isqrt(img.shape[0]))
+    if old * old != img.shape[0]:
+        raise BackboneError(f"position embedding of {img.shape[0]} patches is not a square grid")
+    if (old, old) == tuple(grid):
+        return pos
+    x = img.reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    if mode == "bilinear":
+        x = F.interpolate(x, size=tuple(grid), mode="bilinear", align_corners=False)
+    else:
+        x = F.interpolate(x, size=tuple(grid), mode="bicubic", antialias=True, align_corners=False)
+    return torch.cat([tok, x.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)], dim=0)
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], pos_embed_resize: str) -> None:
+    """Load a checkpoint's state dict into ``model`` — open_clip's ``load_checkpoint`` steps
+    (third-party conversion, old text layout, logit-scale shape, text position embedding),
+    with the visual position grid resized by ``pos_embed_resize``."""
+    factory = open_clip.factory
+    state = factory.convert_state_dict(model, dict(state))
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = factory.convert_to_custom_text_state_dict(state)
+    if "logit_scale" in state and model.logit_scale.ndim != state["logit_scale"].ndim:
+        state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+    key = "visual.positional_embedding"
+    if key in state and state[key].shape != model.visual.positional_embedding.shape:
+        grid = model.visual.grid_size
+        grid = tuple(grid) if isinstance(grid, tuple | list) else (grid, grid)
+        if pos_embed_resize == "open_clip":
+            factory.resize_pos_embed(state, model)      # bit for bit what open_clip does
+        else:
+            state[key] = resize_position_grid(state[key], grid, pos_embed_resize)
+    factory.resize_text_pos_embed(state, model)
+    model.load_state_dict(state, strict=True)
 
 
 def load_clip(
@@ -269,24 +402,49 @@ def load_clip(
     *,
     seed: int = 0,
     cache_dir: str | None = None,
+    activation: str | None = None,
+    pos_embed_resize: str = "open_clip",
 ) -> ClipBackbone:
     """Build a frozen CLIP backbone.
 
     ``pretrained``: an open_clip tag (e.g. ``"openai"``; works where the weights are cached
-    or downloadable), a local checkpoint path, or ``None`` for seeded random weights.
-    ``image_size``: input resolution; position embeddings are interpolated to it
-    (e.g. 518 for ViT-L/14@336 as in AnomalyCLIP).
+    or downloadable), a local checkpoint path (open_clip state dict, or OpenAI's TorchScript
+    file), or ``None`` for seeded random weights.
+    ``image_size``: input resolution; the position grid is resized to it by
+    ``pos_embed_resize`` (``"open_clip"`` or ``"bilinear"``, see the module docstring), e.g.
+    518 for ViT-L/14@336 as in AnomalyCLIP.
+    ``activation``: ``"quick_gelu"``, ``"gelu"`` or ``None`` — QuickGELU for OpenAI weights
+    (:func:`is_openai_weights`), else the architecture config's.
+
+    Random weights (``pretrained=None``) are drawn at ``image_size`` directly with
+    ``"open_clip"``; with ``"bilinear"`` they are drawn at the native size and resized, as a
+    checkpoint would be.
     """
     register_model_configs()
     if arch not in open_clip.list_models():
         raise BackboneError(f"unknown architecture '{arch}'. open_clip knows e.g. ViT-L-14-336, "
                             f"ViT-B-16-plus-240; the project adds zsad-tiny.")
-    kwargs = {"force_image_size": image_size} if image_size else {}
+    if pos_embed_resize not in POS_EMBED_RESIZES:
+        raise BackboneError(f"pos_embed_resize must be one of {POS_EMBED_RESIZES}, "
+                            f"not {pos_embed_resize!r}")
+    act = resolve_activation(arch, pretrained, activation)
+    build = {"force_quick_gelu": act == "quick_gelu"}
+    if act == "gelu" and (open_clip.get_model_config(arch) or {}).get("quick_gelu"):
+        raise BackboneError(f"{arch}'s config fixes QuickGELU; use the architecture without the "
+                            "'-quickgelu' suffix for activation='gelu'")
+    sized = {**build, "force_image_size": image_size} if image_size else dict(build)
     tag: str | None = None if pretrained is None else str(pretrained)
     if tag is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = open_clip.create_model(arch, pretrained=None, **kwargs)
+            if pos_embed_resize == "open_clip":
+                model = open_clip.create_model(arch, pretrained=None, **sized)
+            else:
+                native = open_clip.create_model(arch, pretrained=None, **build)
+        if pos_embed_resize != "open_clip":
+            model = _quiet_create(arch, **sized)
+            _load_state(model, native.state_dict(), pos_embed_resize)
+            del native
     elif is_checkpoint_path(tag):
         path = Path(tag).expanduser()
         if not path.is_file():
@@ -295,12 +453,14 @@ def load_clip(
                 f"({WEIGHT_SOURCES.get((arch, 'openai'), 'an open_clip state dict')}), "
                 f"or pass an open_clip tag such as 'openai' if its cache is populated."
             )
-        model = open_clip.create_model(arch, pretrained=None, **kwargs)
+        model = _quiet_create(arch, **sized)
         try:
-            _load_checkpoint(model, path)
+            _load_state(model, _read_state_dict(path), pos_embed_resize)
         except Exception as err:
             raise BackboneError(f"{path}: not a usable {arch} checkpoint ({type(err).__name__}: "
                                 f"{err}). Check that the file matches the architecture.") from err
+        log.info("loaded %s weights from %s (%s, position grid resized by %s)", arch, path,
+                 act, pos_embed_resize)
         tag = str(path)
     else:
         known = open_clip.list_pretrained_tags_by_model(arch)
@@ -308,7 +468,13 @@ def load_clip(
             raise BackboneError(f"'{tag}' is neither a checkpoint file nor an open_clip tag of "
                                 f"{arch} (tags: {', '.join(known) or 'none'})")
         try:
-            model = open_clip.create_model(arch, pretrained=tag, cache_dir=cache_dir, **kwargs)
+            if pos_embed_resize == "open_clip":
+                model = open_clip.create_model(arch, pretrained=tag, cache_dir=cache_dir, **sized)
+            else:
+                native = open_clip.create_model(arch, pretrained=tag, cache_dir=cache_dir, **build)
+                model = _quiet_create(arch, **sized)
+                _load_state(model, native.state_dict(), pos_embed_resize)
+                del native
         except Exception as err:
             where = WEIGHT_SOURCES.get((arch, tag), f"open_clip's '{tag}' weights of {arch}")
             raise BackboneError(
@@ -320,8 +486,23 @@ def load_clip(
     tokenizer = open_clip.get_tokenizer(arch)
     size = image_size or model.visual.image_size
     size = size[0] if isinstance(size, tuple | list) else size
-    backbone = ClipBackbone(model, tokenizer, arch=arch, pretrained=tag, image_size=int(size))
+    backbone = ClipBackbone(model, tokenizer, arch=arch, pretrained=tag, image_size=int(size),
+                            pos_embed_resize=pos_embed_resize)
+    if backbone.activation != act:  # pragma: no cover - an open_clip that ignores the flag
+        raise BackboneError(f"{arch}: asked for {act} but open_clip built {backbone.activation}")
     return backbone.to(device)
+
+
+def _quiet_create(arch: str, **kwargs) -> nn.Module:
+    """``open_clip.create_model`` without weights, silencing its "randomly initialised"
+    message: the weights are loaded right after."""
+    oc_log = logging.getLogger()
+    level = oc_log.level
+    oc_log.setLevel(max(level, logging.WARNING + 1))
+    try:
+        return open_clip.create_model(arch, pretrained=None, **kwargs)
+    finally:
+        oc_log.setLevel(level)
 
 
 # ======================================================================================

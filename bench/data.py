@@ -2,9 +2,18 @@
 
 Images: RGB, resized to ``image_size``² (bicubic), scaled to [0, 1], normalised with
 CLIP's mean/std. Masks: greyscale, binarised on the raw values with the dataset's rule
-(``mask_threshold``: value >= threshold is anomalous; 128 for 8-bit 0/255 masks — the
-same as AnomalyCLIP's "> 0.5 after ToTensor"; 1 for VisA's multi-valued masks), then
-resized with nearest neighbour. Images without a mask get an all-zero mask.
+(``mask_threshold``: value >= threshold is anomalous; 128 for 8-bit 0/255 masks; 1 for
+VisA's multi-valued masks), then resized to ``image_size``² by ``mask_resize``:
+
+* ``"bilinear"`` (the benchmark's rule): the 0/255 mask resized bilinearly (PIL, which
+  antialiases when shrinking) and thresholded at > 0.5 — what the anchors' released code
+  does (AnomalyCLIP and VAND: ``transforms.Resize`` on the PIL mask, ``ToTensor``,
+  ``gt > 0.5``), so the pixel metrics are computed on the masks every published number was
+  computed on;
+* ``"nearest"``: nearest-neighbour resizing of the binary mask (the suite's rule before
+  issue 14). ``examples/mask_resize.py`` measures the difference (docs/datasets.md).
+
+Images without a mask get an all-zero mask.
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 from bench.backbone import OPENAI_MEAN, OPENAI_STD
 
 DEFAULT_MASK_THRESHOLD = 128
+#: ``mask_resize`` rules (module docstring); the first is the benchmark's default.
+MASK_RESIZES = ("bilinear", "nearest")
 
 
 class DataError(RuntimeError):
@@ -44,17 +55,29 @@ def load_image(path: Path, image_size: int, mean: Sequence[float] = OPENAI_MEAN,
     return (t - m) / s
 
 
-def load_mask(path: Path, image_size: int, threshold: int = DEFAULT_MASK_THRESHOLD) -> torch.Tensor:
-    """Read, binarise (raw value >= threshold) and resize (nearest) a mask -> [S, S] float32 0/1."""
+def load_mask(path: Path, image_size: int, threshold: int = DEFAULT_MASK_THRESHOLD,
+              resize: str = "bilinear") -> torch.Tensor:
+    """Read, binarise (raw value >= threshold) and resize a mask -> [S, S] float32 0/1.
+
+    ``resize``: ``"bilinear"`` (resize the 0/255 mask bilinearly, keep values > 0.5) or
+    ``"nearest"`` (see the module docstring).
+    """
     try:
         with Image.open(path) as im:
             arr = np.asarray(im.convert("L")) >= threshold
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: cannot read mask ({err}). Re-extract it from the original "
                         "download, then re-run `zsad-bench prepare`.") from err
-    im = Image.fromarray(arr.astype(np.uint8) * 255).resize((image_size, image_size),
-                                                            Image.Resampling.NEAREST)
-    return torch.from_numpy(np.asarray(im) > 127).float()
+    return resize_mask(arr, image_size, resize)
+
+
+def resize_mask(mask: np.ndarray, image_size: int, rule: str = "bilinear") -> torch.Tensor:
+    """A binary mask [H, W] resized to ``image_size``² by ``rule`` -> [S, S] float32 0/1."""
+    if rule not in MASK_RESIZES:
+        raise ValueError(f"mask_resize must be one of {MASK_RESIZES}, not {rule!r}")
+    resample = Image.Resampling.BILINEAR if rule == "bilinear" else Image.Resampling.NEAREST
+    im = Image.fromarray(mask.astype(np.uint8) * 255).resize((image_size, image_size), resample)
+    return torch.from_numpy(np.asarray(im) > 127).float()  # 128/255 > 0.5 >= 127/255
 
 
 class ManifestDataset(Dataset):
@@ -65,13 +88,16 @@ class ManifestDataset(Dataset):
     """
 
     def __init__(self, manifest: pd.DataFrame, root: str | Path, image_size: int, *,
-                 mask_threshold: int = DEFAULT_MASK_THRESHOLD,
+                 mask_threshold: int = DEFAULT_MASK_THRESHOLD, mask_resize: str = "bilinear",
                  prompt_names: dict[str, str] | None = None,
                  mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD) -> None:
         self.rows = manifest.reset_index(drop=True)
         self.root = Path(root)
         self.image_size = int(image_size)
         self.mask_threshold = mask_threshold
+        if mask_resize not in MASK_RESIZES:
+            raise ValueError(f"mask_resize must be one of {MASK_RESIZES}, not {mask_resize!r}")
+        self.mask_resize = mask_resize
         self.prompt_names = prompt_names or {}
         self.mean, self.std = mean, std
 
@@ -83,7 +109,8 @@ class ManifestDataset(Dataset):
         image = load_image(self.root / r["image"], self.image_size, self.mean, self.std)
         mask_rel = r["mask"]
         if isinstance(mask_rel, str) and mask_rel:
-            mask = load_mask(self.root / mask_rel, self.image_size, self.mask_threshold)
+            mask = load_mask(self.root / mask_rel, self.image_size, self.mask_threshold,
+                             self.mask_resize)
         else:
             mask = torch.zeros(self.image_size, self.image_size)
         cat = str(r["category"])

@@ -10,7 +10,9 @@ layer per image (2.8 MB in fp16), so only the layers a method asks for are kept.
 Rule that keeps numbers reproducible: whenever the cache is on, features are *always*
 returned through fp16 — a miss is computed, rounded, stored and returned exactly as a
 later hit would be. A killed and resumed run therefore gives the same numbers as an
-uninterrupted one, whichever images happened to be cached.
+uninterrupted one, whichever images happened to be cached. The rounding moves maps by
+≲ 1e-4; ``[run] feature_cache_dtype = "fp32"`` stores fp32 instead (twice the memory and
+disk) for runs that want the exact fp32 path of an uncached forward pass.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 import torch
 
 GLOBAL = 0  # key of the projected class token; blocks are 1-based
+#: ``[run] feature_cache_dtype`` values -> storage dtype
+CACHE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 
 def tensor_key(x: torch.Tensor) -> str:
@@ -34,10 +38,15 @@ def tensor_key(x: torch.Tensor) -> str:
 
 
 class FeatureCache:
-    """fp16 features per (image content, layer) for one backbone (``namespace``)."""
+    """fp16 (or fp32) features per (image content, layer) for one backbone (``namespace``)."""
 
     def __init__(self, namespace: str, max_bytes: int = 4 << 30,
-                 directory: str | Path | None = None) -> None:
+                 directory: str | Path | None = None, dtype: torch.dtype = torch.float16) -> None:
+        self.dtype = dtype
+        if dtype not in CACHE_DTYPES.values():
+            raise ValueError(f"feature cache dtype must be float16 or float32, not {dtype}")
+        if dtype != torch.float16:  # fp16 keeps the namespace of earlier versions
+            namespace = f"{namespace}|{dtype}"
         self.namespace = hashlib.sha1(namespace.encode()).hexdigest()[:16]
         self.max_bytes = int(max_bytes)
         self.directory = Path(directory) / self.namespace if directory else None
@@ -111,7 +120,7 @@ class FeatureCache:
 
         ``compute(images_subset, layers) -> (global [b, D], {layer: [b, ...]})`` runs on the
         images not cached yet. Returns (global [B, D], {layer: [B, ...]}) on the images' device,
-        always rounded through fp16 (see the module docstring).
+        always rounded through the cache's dtype (see the module docstring).
         """
         layers = set(layers)
         need = layers | {GLOBAL}
@@ -125,8 +134,8 @@ class FeatureCache:
             glob, taps = compute(images[missing], layers)
             dtype = glob.dtype
             for j, i in enumerate(missing):
-                feats = {GLOBAL: glob[j].detach().to("cpu", torch.float16)}
-                feats.update({layer: taps[layer][j].detach().to("cpu", torch.float16)
+                feats = {GLOBAL: glob[j].detach().to("cpu", self.dtype)}
+                feats.update({layer: taps[layer][j].detach().to("cpu", self.dtype)
                               for layer in layers})
                 self._store(keys[i], feats)
                 per_sample[i] = feats

@@ -453,9 +453,10 @@ def load_backbone(spec: Any, device: str, image_size: int | None = None) -> tupl
     Returns ``(backbone, note)``; ``note`` is empty when the protocol's weights were loaded.
     """
     from bench import protocol as protocol_mod
-    from bench.backbone import load_clip
+    from bench.backbone import load_clip, resolve_activation
 
     size = image_size or spec.image_size
+    settings = spec.load_kwargs() if hasattr(spec, "load_kwargs") else {}
     pretrained, note = spec.pretrained, ""
     if pretrained == protocol_mod.TOY_PRETRAINED:
         try:
@@ -471,11 +472,13 @@ def load_backbone(spec: Any, device: str, image_size: int | None = None) -> tupl
                     f"{type(err).__name__}: {err}); cost does not depend on the weights")
     if pretrained is not None:
         try:
-            return load_clip(spec.arch, pretrained, size, device), note
+            return load_clip(spec.arch, pretrained, size, device, **settings), note
         except Exception as err:  # noqa: BLE001 - weights not here: random weights
             note = (f"random weights of {spec.arch} ({spec.pretrained!r} not loadable here: "
                     f"{type(err).__name__}); cost does not depend on the weights")
-    return load_clip(spec.arch, None, size, device, seed=0), note
+    # random weights with the activation and resize the real ones would get
+    settings["activation"] = resolve_activation(spec.arch, spec.pretrained, settings.get("activation"))
+    return load_clip(spec.arch, None, size, device, seed=0, **settings), note
 
 
 def profile(methods: list[str] | None = None, *, protocol: str = "demo", device: str = "cpu",

@@ -26,10 +26,23 @@ overrides), the seeds and the auxiliary -> targets transfers. Built-in protocols
     arch = "ViT-B-16-plus-240"
     pretrained = "laion400m_e31"
     image_size = 240
+    [backbones.vand]                      # or other settings of the main one (arch inherited)
+    activation = "gelu"                   # reproduce the released code's GELU bug
+    [class_words]                         # words for the object in class-aware prompts
+    default = "readable"                  # "readable" ("metal nut") or "folder" ("metal_nut")
     [datasets.mvtec]                      # optional per-dataset data roots
     root = "/data/mvtec_anomaly_detection"
     [few_shot]                            # k normal references per category, few-shot methods
     afclip_plus = [1, 2, 4]               # (default [1]); each k is its own job
+
+**Inputs as the authors ran them.** ``activation`` and ``pos_embed_resize`` of a backbone and
+the ``class_words`` a method gets are resolved per method: the protocol's per-method value
+(``[backbones.M]``, ``[class_words] M``), else its protocol-wide value (``[backbone]`` — for
+methods on that backbone: a ``[backbones.M]`` table with its own ``arch`` inherits nothing —,
+``[class_words] default``), else what the method's released code does (the method class's
+``released_inputs``), else the suite's default (activation from the weights — QuickGELU for
+OpenAI's —, ``"open_clip"`` resize, ``"readable"`` words). ``full.toml`` leaves them to the
+methods; ``full_uniform.toml`` sets them once for all (bench.backbone, docs/methods.md).
 """
 
 from __future__ import annotations
@@ -37,7 +50,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +61,13 @@ else:  # pragma: no cover
 
 PROTOCOL_DIR = Path(__file__).parent / "protocols"
 TOY_PRETRAINED = "zsad-toy"
+#: ``class_words`` values: the adapter's readable prompt name, or the dataset's folder id verbatim.
+CLASS_WORDS = ("readable", "folder")
+#: The settings a method's released code fixes and a protocol may override (see module docstring).
+INPUT_SETTINGS = ("activation", "pos_embed_resize", "class_words")
+#: Suite defaults where neither the protocol nor the method says (activation: from the weights).
+INPUT_DEFAULTS: dict[str, str | None] = {"activation": None, "pos_embed_resize": "open_clip",
+                                         "class_words": "readable"}
 
 
 class ProtocolError(ValueError):
@@ -56,12 +76,28 @@ class ProtocolError(ValueError):
 
 @dataclass(frozen=True)
 class BackboneSpec:
+    """A backbone as a protocol names it. ``activation``/``pos_embed_resize`` None: not set here
+    (resolved per method by :meth:`Protocol.backbone_for`; for loading: the suite default)."""
+
     arch: str
     pretrained: str | None = None
     image_size: int | None = None
+    activation: str | None = None
+    pos_embed_resize: str | None = None
 
     def key(self) -> str:
-        return f"{self.arch}|{self.pretrained}|{self.image_size}"
+        """Identity of the loaded backbone: every setting that changes its features."""
+        from bench.backbone import native_image_size
+
+        resize = self.pos_embed_resize or INPUT_DEFAULTS["pos_embed_resize"]
+        if self.image_size in (None, native_image_size(self.arch)):
+            resize = "native"  # nothing is resized: one backbone (and feature cache) for all
+        return f"{self.arch}|{self.pretrained}|{self.image_size}|{self.activation}|{resize}"
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`bench.backbone.load_clip` for the settings."""
+        return {"activation": self.activation,
+                "pos_embed_resize": self.pos_embed_resize or INPUT_DEFAULTS["pos_embed_resize"]}
 
 
 @dataclass(frozen=True)
@@ -84,10 +120,33 @@ class Protocol:
     datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
     few_shot: dict[str, list[int]] = field(default_factory=dict)
     run: dict[str, Any] = field(default_factory=dict)
+    class_words: dict[str, str] = field(default_factory=dict)
     source: str = ""
 
-    def backbone_for(self, method: str) -> BackboneSpec:
-        return self.backbones.get(method, self.backbone)
+    def backbone_for(self, method: str, released: dict[str, str] | None = None) -> BackboneSpec:
+        """The backbone ``method`` runs on, every input setting resolved (module docstring).
+
+        ``released``: the method's ``released_inputs`` (default: looked up in the registry).
+        """
+        # a [backbones.M] table without 'arch' already carries [backbone]'s settings (_spec);
+        # one with its own arch (other weights) inherits none of them
+        spec = self.backbones.get(method, self.backbone)
+        rel = _released_inputs(method) if released is None else released
+        values = {key: _first(getattr(spec, key), rel.get(key), INPUT_DEFAULTS[key])
+                  for key in ("activation", "pos_embed_resize")}
+        return replace(spec, **values)
+
+    def class_words_for(self, method: str, released: dict[str, str] | None = None) -> str:
+        """``"readable"`` or ``"folder"``: the object words ``method`` gets (module docstring)."""
+        rel = _released_inputs(method) if released is None else released
+        return str(_first(self.class_words.get(method), self.class_words.get("default"),
+                          rel.get("class_words"), INPUT_DEFAULTS["class_words"]))
+
+    def inputs_for(self, method: str) -> dict[str, Any]:
+        """Everything a method is fed, resolved: backbone settings and class words (provenance)."""
+        spec = self.backbone_for(method)
+        return {**asdict(spec), "pos_embed_resize": spec.load_kwargs()["pos_embed_resize"],
+                "class_words": self.class_words_for(method)}
 
     def hparams_for(self, method: str, aux: str) -> dict[str, Any]:
         """Protocol-wide overrides of ``method``, then those of the transfer from ``aux``."""
@@ -105,6 +164,13 @@ class Protocol:
             d.pop(key)
         d["datasets"] = {k: {kk: vv for kk, vv in v.items() if kk != "root"}
                          for k, v in self.datasets.items()}
+        # input settings (issue 14) enter the hash only where set: older protocols keep theirs
+        for spec in (d["backbone"], *d["backbones"].values()):
+            for key in ("activation", "pos_embed_resize"):
+                if spec[key] is None:
+                    spec.pop(key)
+        if not d["class_words"]:
+            d.pop("class_words")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def all_datasets(self) -> list[str]:
@@ -114,6 +180,21 @@ class Protocol:
                 if d not in seen:
                     seen.append(d)
         return seen
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _released_inputs(method: str) -> dict[str, str]:
+    """A registered method class's ``released_inputs`` ({} for unknown names)."""
+    from bench.registry import METHODS, RegistryError
+
+    try:
+        cls = METHODS.get(method)
+    except RegistryError:  # unregistered: nothing to inherit
+        return {}
+    return dict(getattr(cls, "released_inputs", {}) or {})
 
 
 def resolve_path(name_or_path: str | Path) -> Path:
@@ -134,14 +215,26 @@ def builtin_names() -> list[str]:
     return sorted(p.stem for p in PROTOCOL_DIR.glob("*.toml"))
 
 
-def _spec(d: dict[str, Any], where: str) -> BackboneSpec:
-    if "arch" not in d:
-        raise ProtocolError(f"{where}: needs 'arch' (an open_clip architecture, e.g. ViT-L-14-336)")
-    unknown = set(d) - {"arch", "pretrained", "image_size"}
+_SPEC_KEYS = ("arch", "pretrained", "image_size", "activation", "pos_embed_resize")
+
+
+def _spec(d: dict[str, Any], where: str, base: BackboneSpec | None = None) -> BackboneSpec:
+    """A ``[backbone]`` table; a ``[backbones.M]`` table without ``arch`` changes ``base``'s settings."""
+    unknown = set(d) - set(_SPEC_KEYS)
     if unknown:
-        raise ProtocolError(f"{where}: unknown keys {sorted(unknown)}; use arch, pretrained, image_size")
+        raise ProtocolError(f"{where}: unknown keys {sorted(unknown)}; use {', '.join(_SPEC_KEYS)}")
+    if "arch" not in d and base is None:
+        raise ProtocolError(f"{where}: needs 'arch' (an open_clip architecture, e.g. ViT-L-14-336)")
+    from bench.backbone import ACTIVATIONS, POS_EMBED_RESIZES
+
+    for key, allowed in (("activation", ACTIVATIONS), ("pos_embed_resize", POS_EMBED_RESIZES)):
+        if key in d and d[key] not in allowed:
+            raise ProtocolError(f"{where}: {key} = {d[key]!r}; use one of {', '.join(allowed)}")
+    if "arch" not in d:
+        return replace(base, **{k: d[k] for k in d})
     size = d.get("image_size")
-    return BackboneSpec(str(d["arch"]), d.get("pretrained"), int(size) if size else None)
+    return BackboneSpec(str(d["arch"]), d.get("pretrained"), int(size) if size else None,
+                        d.get("activation"), d.get("pos_embed_resize"))
 
 
 def load(name_or_path: str | Path) -> Protocol:
@@ -152,7 +245,7 @@ def load(name_or_path: str | Path) -> Protocol:
     except tomllib.TOMLDecodeError as err:
         raise ProtocolError(f"{path}: not valid TOML ({err})") from err
     known = {"name", "description", "seeds", "methods", "backbone", "run", "transfers",
-             "hparams", "backbones", "datasets", "few_shot"}
+             "hparams", "backbones", "datasets", "few_shot", "class_words"}
     unknown = set(raw) - known
     if unknown:
         raise ProtocolError(f"{path}: unknown top-level keys {sorted(unknown)}; known: {sorted(known)}")
@@ -179,17 +272,24 @@ def load(name_or_path: str | Path) -> Protocol:
     for k, v in few_shot.items():
         if not v or not all(isinstance(x, int) and x > 0 for x in v):
             raise ProtocolError(f"{path}: [few_shot] {k} must be a list of positive integers (shots)")
+    class_words = {str(k): v for k, v in raw.get("class_words", {}).items()}
+    for k, v in class_words.items():
+        if v not in CLASS_WORDS:
+            raise ProtocolError(f"{path}: [class_words] {k} = {v!r}; use one of {', '.join(CLASS_WORDS)}")
+    main = _spec(raw["backbone"], f"{path} [backbone]")
     proto = Protocol(
         name=str(raw.get("name", path.stem)),
-        backbone=_spec(raw["backbone"], f"{path} [backbone]"),
+        backbone=main,
         methods=[str(m) for m in methods],
         seeds=list(seeds),
         transfers=transfers,
         hparams={k: dict(v) for k, v in raw.get("hparams", {}).items()},
-        backbones={k: _spec(v, f"{path} [backbones.{k}]") for k, v in raw.get("backbones", {}).items()},
+        backbones={k: _spec(v, f"{path} [backbones.{k}]", main)
+                   for k, v in raw.get("backbones", {}).items()},
         datasets={k: dict(v) for k, v in raw.get("datasets", {}).items()},
         few_shot=few_shot,
         run=dict(raw.get("run", {})),
+        class_words=class_words,
         source=str(path),
     )
     check_leakage(proto)
@@ -216,7 +316,8 @@ def validate(proto: Protocol, *, methods: list[str], datasets: list[str]) -> Pro
     if unknown:
         raise ProtocolError(f"{proto.source}: unknown methods {unknown}. Registered: "
                             f"{', '.join(methods)} (add one with --plugin FILE.py)")
-    for section in (proto.hparams, proto.backbones, proto.few_shot,
+    words = {k: v for k, v in proto.class_words.items() if k != "default"}
+    for section in (proto.hparams, proto.backbones, proto.few_shot, words,
                     *(t.hparams for t in proto.transfers)):
         extra = [m for m in section if m not in methods]
         if extra:

@@ -30,8 +30,8 @@ from bench import manifest as mf
 from bench import metrics
 from bench import protocol as protocol_mod
 from bench.backbone import ClipBackbone, load_clip
-from bench.data import DEFAULT_MASK_THRESHOLD, ManifestDataset, collate, make_loader
-from bench.feature_cache import FeatureCache
+from bench.data import DEFAULT_MASK_THRESHOLD, MASK_RESIZES, ManifestDataset, collate, make_loader
+from bench.feature_cache import CACHE_DTYPES, FeatureCache
 from bench.registry import ADAPTERS, METHODS, create_method, get_adapter
 from bench.results import ResultStore, environment, state_digest
 
@@ -118,10 +118,17 @@ class DatasetHandle:
     def mask_threshold(self) -> int:
         return int(getattr(self.adapter, "mask_threshold", DEFAULT_MASK_THRESHOLD))
 
-    def torch_dataset(self, rows: pd.DataFrame, image_size: int) -> ManifestDataset:
-        names = {c: self.adapter.prompt_name(c) for c in rows["category"].unique()}
+    def torch_dataset(self, rows: pd.DataFrame, image_size: int,
+                      class_words: str = "readable", mask_resize: str = "bilinear") -> ManifestDataset:
+        """``class_words``: ``"readable"`` (the adapter's prompt name, "metal nut") or
+        ``"folder"`` (the category's folder id verbatim, "metal_nut"), per method."""
+        if class_words not in protocol_mod.CLASS_WORDS:
+            raise RunError(f"class_words must be one of {protocol_mod.CLASS_WORDS}, not {class_words!r}")
+        cats = rows["category"].unique()
+        names = ({c: self.adapter.prompt_name(c) for c in cats} if class_words == "readable"
+                 else {str(c): str(c) for c in cats})
         return ManifestDataset(rows, self.root, image_size, mask_threshold=self.mask_threshold,
-                               prompt_names=names)
+                               mask_resize=mask_resize, prompt_names=names)
 
 
 def dataset_root(proto: protocol_mod.Protocol, name: str, data_root: Path) -> Path:
@@ -176,7 +183,7 @@ def load_backbone(spec: protocol_mod.BackboneSpec, device: str = "cpu") -> ClipB
         from bench.toyclip import checkpoint_path
 
         pretrained = str(checkpoint_path())
-    return load_clip(spec.arch, pretrained, spec.image_size, device)
+    return load_clip(spec.arch, pretrained, spec.image_size, device, **spec.load_kwargs())
 
 
 @dataclass
@@ -211,10 +218,20 @@ class Runner:
         self.store.write_provenance({
             "protocol": self.proto.name, "protocol_hash": digest,
             "protocol_source": self.proto.source, "backbone": self.proto.backbone.__dict__,
+            "inputs": {m: self.proto.inputs_for(m) for m in self.proto.methods},
             "seeds": self.proto.seeds, "environment": environment(),
         })
 
     # -- resources ------------------------------------------------------------------
+    @property
+    def mask_resize(self) -> str:
+        """``[run] mask_resize``: how masks reach the image size (bench.data; default bilinear)."""
+        rule = str(self.proto.run.get("mask_resize", MASK_RESIZES[0]))
+        if rule not in MASK_RESIZES:
+            raise RunError(f"{self.proto.source}: [run] mask_resize must be one of "
+                           f"{', '.join(MASK_RESIZES)}, not {rule!r}")
+        return rule
+
     def backbone(self, method: str) -> ClipBackbone:
         spec = self.proto.backbone_for(method)
         if spec.key() not in self._backbones:
@@ -224,15 +241,20 @@ class Runner:
             if mode not in ("memory", "disk", "off"):
                 raise RunError(f"{self.proto.source}: [run] feature_cache must be memory, disk or "
                                f"off, not {mode!r}")
+            dtype = str(self.proto.run.get("feature_cache_dtype", "fp16"))
+            if dtype not in CACHE_DTYPES:
+                raise RunError(f"{self.proto.source}: [run] feature_cache_dtype must be "
+                               f"{' or '.join(CACHE_DTYPES)}, not {dtype!r}")
             if mode != "off":
                 directory = None
                 if mode == "disk":
                     directory = Path(self.proto.run.get("feature_cache_dir",
                                                         self.results_dir / "feature_cache"))
+                # keyed on every setting that changes features (activation, resize, weights)
                 bb.feature_cache = FeatureCache(
-                    f"{bb.describe()}|{self._fingerprints[spec.key()]}",
+                    f"{spec.key()}|{bb.describe()}|{self._fingerprints[spec.key()]}",
                     max_bytes=int(float(self.proto.run.get("feature_cache_gb", 4)) * 2**30),
-                    directory=directory)
+                    directory=directory, dtype=CACHE_DTYPES[dtype])
             self._backbones[spec.key()] = bb
         return self._backbones[spec.key()]
 
@@ -301,7 +323,8 @@ class Runner:
             return method
         aux = self.dataset(job.aux)
         rows = aux.manifest[aux.manifest["split"] == "test"]
-        ds = aux.torch_dataset(rows, bb.image_size)
+        ds = aux.torch_dataset(rows, bb.image_size, self.proto.class_words_for(name),
+                               self.mask_resize)
         bs = int(hp.get("batch_size", self.proto.run.get("train_batch_size", 8)))
         loader = make_loader(ds, batch_size=bs, shuffle=True, seed=job.seed)
         seed_everything(job.seed)
@@ -342,6 +365,7 @@ class Runner:
         adapter = target.adapter
         image_level = bool(getattr(adapter, "has_image_labels", True))
         pixel_level = bool(getattr(adapter, "has_masks", True))
+        words = self.proto.class_words_for(job.method)
         if job.shots:
             train = target.manifest[(target.manifest["split"] == "train") & (target.manifest["label"] == 0)]
             if train.empty:
@@ -354,9 +378,9 @@ class Runner:
                 support = self.support_rows(target, category, job)
                 if support is None:
                     continue
-                ds_support = target.torch_dataset(support, bb.image_size)
+                ds_support = target.torch_dataset(support, bb.image_size, words, self.mask_resize)
                 method.set_support(collate([ds_support[i] for i in range(len(ds_support))]))
-            ds = target.torch_dataset(rows, bb.image_size)
+            ds = target.torch_dataset(rows, bb.image_size, words, self.mask_resize)
             loader = make_loader(ds, batch_size=bs, shuffle=False)
             scores, maps, labels, masks = [], [], [], []
             it = _progress(self.progress)(loader, desc=f"{job.method} {target.name}/{category}")

@@ -94,6 +94,9 @@ class AnomalyCLIP(PromptMethodBase):
         "focal_gamma": 2.0,
         "sigma": 4.0,                    # Gaussian smoothing of test maps, pixels
     }
+    #: The released VisionTransformer.forward resizes the position grid bilinearly (no
+    #: antialias) from 336 to 518 px; object-agnostic prompts use no class words.
+    released_inputs = {"pos_embed_resize": "bilinear"}
 
     def __init__(self, backbone: Any, **hparams: Any) -> None:
         super().__init__(backbone, **hparams)

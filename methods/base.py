@@ -68,6 +68,12 @@ class Method:
       calls :meth:`set_support` before predicting that category (k from the protocol's
       ``[few_shot]`` table; records carry ``shots = k``);
     * ``default_hparams`` — the paper's settings; the protocol may override any of them.
+    * ``released_inputs`` — what the authors' released code feeds the method where it differs
+      from the suite's defaults: ``pos_embed_resize`` (``"open_clip"`` | ``"bilinear"``),
+      ``class_words`` (``"readable"`` | ``"folder"``), ``activation``. A protocol that sets
+      one of them overrides it (``bench.protocol``; ``full_uniform.toml`` sets all). Clear bugs
+      of the released code are *not* put here: they are listed in ``docs/methods.md`` with
+      the protocol switch that reproduces them.
     """
 
     name: ClassVar[str] = ""
@@ -78,6 +84,7 @@ class Method:
     paper: ClassVar[str] = ""
     bibtex: ClassVar[str] = ""
     default_hparams: ClassVar[dict[str, Any]] = {}
+    released_inputs: ClassVar[dict[str, str]] = {}
 
     def __init__(self, backbone: Any, **hparams: Any) -> None:
         unknown = sorted(set(hparams) - set(self.default_hparams) - {"epochs"})

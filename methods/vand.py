@@ -109,6 +109,10 @@ class VAND(Method):
         "mosaic_pool": 8,
         "class_aware": True,            # False: "object" instead of the class name
     }
+    #: The released code puts the dataset's folder id into the prompts verbatim ("metal_nut",
+    #: "pcb1", "pipe_fryum") and resizes the position grid with open_clip's resize. (Its
+    #: GELU on OpenAI weights is a bug, not a setting: ``[backbones.vand] activation = "gelu"``.)
+    released_inputs = {"class_words": "folder", "pos_embed_resize": "open_clip"}
 
     def __init__(self, backbone: Any, **hparams: Any) -> None:
         super().__init__(backbone, **hparams)
