@@ -31,3 +31,18 @@ def test_probe_scores_each_image_without_its_own_labels():
     again = ceiling.cross_fitted_probe(x, flipped, folds)
     np.testing.assert_allclose(again[folds == 0], out[folds == 0])
     assert not np.allclose(again[folds != 0], out[folds != 0])
+
+
+def test_mask_resize_example_reports_border_differences(capsys):
+    """examples/mask_resize.py: the two rules differ only at borders; metrics printed for both."""
+    example = _load("mask_resize")
+    masks = example.draw_masks(4, seed=0)
+    assert [m.shape[0] for m in masks] == list(example.CANVASES)
+    assert all(m.dtype == bool and 0 < m.mean() < 0.5 for m in masks)
+    example.main(["--images", "4", "--size", "64"])
+    out = capsys.readouterr().out
+    assert "mask pixels that differ" in out
+    for name in ("pixel AUROC", "AUPRO", "pixel AP", "pixel F1-max"):
+        line = next(ln for ln in out.splitlines() if ln.startswith(name))
+        a, b = float(line.split()[-5]), float(line.split()[-3])
+        assert 0 <= a <= 100 and 0 <= b <= 100 and abs(a - b) < 5
