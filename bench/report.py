@@ -862,10 +862,33 @@ def provenances(results_dir: Path) -> list[dict[str, Any]]:
             "git_dirty": env.get("git_dirty"), "device": env.get("device", ""),
             "python": env.get("python", ""), "platform": env.get("platform", ""),
             "versions": env.get("versions", {}), "backbone": d.get("backbone", {}),
+            "inputs": d.get("inputs", {}),
             "seeds": d.get("seeds", []), "n_checkpoints": len(d.get("checkpoints", {})),
             "json": json.dumps(d, indent=2, sort_keys=True, default=str),
         })
     return out
+
+
+def protocol_note(provs: list[dict[str, Any]], methods: Sequence[str]) -> str:
+    """The sentence every table starts with: which protocol(s) the numbers come from, and
+    the class words each method got where they differ (backbone settings are in the
+    backbone line or column)."""
+    names = sorted({p["protocol"] for p in provs if p.get("protocol")})
+    if not names:
+        return ""
+    note = f"Protocol: {', '.join(names)}. "
+    words: dict[str, list[str]] = {}
+    for p in provs:
+        for m, inp in (p.get("inputs") or {}).items():
+            if m in methods and inp.get("class_words"):
+                words.setdefault(str(inp["class_words"]), [])
+                if m not in words[str(inp["class_words"])]:
+                    words[str(inp["class_words"])].append(m)
+    if len(words) > 1:
+        label = {"folder": "folder ids (metal_nut)", "readable": "readable names (metal nut)"}
+        parts = [f"{label.get(w, w)} for {', '.join(ms)}" for w, ms in sorted(words.items())]
+        note += f"Class words: {'; '.join(parts)}. "
+    return note
 
 
 def _template_env():
@@ -906,6 +929,11 @@ def build(results_dir: str | Path, metrics: Sequence[tuple[str, str]] = ALL_METR
     cats = category_tables(df, metrics, methods)
     rvr = reported_vs_reproduced(agg)
     cost = load_cost(results_dir)
+    provs = provenances(results_dir)
+    note = protocol_note(provs, methods)
+    if note:  # every table names the protocol its numbers come from
+        for t in [*ds_tables, *domain_tables, *overall, *(t for ts in cats.values() for t in ts)]:
+            t.caption = note + t.caption
     return {
         "df": df, "agg": agg, "methods": methods, "dataset_tables": ds_tables,
         "domain_tables": domain_tables, "overall": overall[0] if overall else None,
@@ -913,7 +941,7 @@ def build(results_dir: str | Path, metrics: Sequence[tuple[str, str]] = ALL_METR
         "cost_table": cost_table(cost, methods) if not cost.empty else None,
         "cost_ratios": cost_ratio_table(cost),
         "gallery": gallery(results_dir, methods, gallery_per_dataset),
-        "provenance": provenances(results_dir),
+        "provenance": provs, "protocol_note": note,
     }
 
 
@@ -960,6 +988,7 @@ def render(results_dir: str | Path, out_dir: str | Path, *,
                                                       index=False)
     rvr_t = rvr_table(data["rvr"]) if not data["rvr"].empty else None
     if rvr_t is not None:
+        rvr_t.caption = data.get("protocol_note", "") + rvr_t.caption
         files[rvr_t.slug] = write_table(rvr_t, tables_dir, cite_keys)
     if data["cost_table"] is not None:
         files["cost"] = write_table(data["cost_table"], tables_dir, cite_keys)

@@ -83,6 +83,9 @@ def make_store(root: Path, *, with_cost: bool = True, undefined_cell: bool = Tru
     store.write_provenance({"protocol": "fabricated", "protocol_hash": "0123456789abcdef",
                             "seeds": [0, 1, 2, 3, 4],
                             "backbone": {"arch": "zsad-tiny", "image_size": 64},
+                            "inputs": {"clip": {"class_words": "folder"},
+                                       "anomalyclip": {"class_words": "readable"},
+                                       "tokenclip": {"class_words": "readable"}},
                             "environment": {"git_commit": "deadbeef", "git_dirty": False,
                                             "device": "cpu", "python": "3.11",
                                             "platform": "test", "versions": {"torch": "x"}}})

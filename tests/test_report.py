@@ -323,3 +323,22 @@ def test_few_shot_rows_are_ranked_apart() -> None:
     t = report.Table("x", "x", cols, rows)
     t.rank()
     assert [r.cells[0].rank for r in rows] == [1, 2, 0]
+
+
+def test_every_table_names_the_protocol_and_differing_class_words(site):
+    run, index = site
+    data = report.build(run)
+    tables = [*data["dataset_tables"], *data["domain_tables"], data["overall"],
+              *(t for ts in data["category_tables"].values() for t in ts)]
+    assert tables
+    for t in tables:
+        assert t.caption.startswith("Protocol: fabricated. "), t.slug
+        assert "folder ids (metal_nut) for clip" in t.caption
+        assert "readable names (metal nut) for anomalyclip, tokenclip" in t.caption
+    md = (index.parent / "tables" / f"{data['dataset_tables'][0].slug}.md").read_text()
+    assert "Protocol: fabricated." in md
+    # one class-word rule for all: only the protocol is named
+    provs = [{"protocol": "full_uniform", "inputs": {"clip": {"class_words": "readable"},
+                                                     "vand": {"class_words": "readable"}}}]
+    assert report.protocol_note(provs, ["clip", "vand"]) == "Protocol: full_uniform. "
+    assert report.protocol_note([], ["clip"]) == ""
