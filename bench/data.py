@@ -11,7 +11,10 @@ VisA's multi-valued masks), then resized to ``image_size``² by ``mask_resize``:
   ``gt > 0.5``), so the pixel metrics are computed on the masks every published number was
   computed on;
 * ``"nearest"``: nearest-neighbour resizing of the binary mask (the suite's rule before
-  issue 14). ``examples/mask_resize.py`` measures the difference (docs/datasets.md).
+  issue 14);
+* ``"bicubic"``: bicubic resizing, > 0.5 (AF-CLIP's released code).
+
+``examples/mask_resize.py`` measures the differences (docs/methods.md, "Inputs").
 
 Images without a mask get an all-zero mask.
 """
@@ -32,7 +35,7 @@ from bench.backbone import OPENAI_MEAN, OPENAI_STD
 
 DEFAULT_MASK_THRESHOLD = 128
 #: ``mask_resize`` rules (module docstring); the first is the benchmark's default.
-MASK_RESIZES = ("bilinear", "nearest")
+MASK_RESIZES = ("bilinear", "nearest", "bicubic")
 
 
 class DataError(RuntimeError):
@@ -59,8 +62,8 @@ def load_mask(path: Path, image_size: int, threshold: int = DEFAULT_MASK_THRESHO
               resize: str = "bilinear") -> torch.Tensor:
     """Read, binarise (raw value >= threshold) and resize a mask -> [S, S] float32 0/1.
 
-    ``resize``: ``"bilinear"`` (resize the 0/255 mask bilinearly, keep values > 0.5) or
-    ``"nearest"`` (see the module docstring).
+    ``resize``: ``"bilinear"`` (resize the 0/255 mask bilinearly, keep values > 0.5),
+    ``"nearest"`` or ``"bicubic"`` (see the module docstring).
     """
     try:
         with Image.open(path) as im:
@@ -75,7 +78,8 @@ def resize_mask(mask: np.ndarray, image_size: int, rule: str = "bilinear") -> to
     """A binary mask [H, W] resized to ``image_size``² by ``rule`` -> [S, S] float32 0/1."""
     if rule not in MASK_RESIZES:
         raise ValueError(f"mask_resize must be one of {MASK_RESIZES}, not {rule!r}")
-    resample = Image.Resampling.BILINEAR if rule == "bilinear" else Image.Resampling.NEAREST
+    resample = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST,
+                "bicubic": Image.Resampling.BICUBIC}[rule]
     im = Image.fromarray(mask.astype(np.uint8) * 255).resize((image_size, image_size), resample)
     return torch.from_numpy(np.asarray(im) > 127).float()  # 128/255 > 0.5 >= 127/255
 

@@ -41,8 +41,9 @@ def test_mask_resize_example_reports_border_differences(capsys):
     assert all(m.dtype == bool and 0 < m.mean() < 0.5 for m in masks)
     example.main(["--images", "4", "--size", "64"])
     out = capsys.readouterr().out
-    assert "mask pixels that differ" in out
+    assert "nearest: mask pixels that differ" in out and "bicubic: mask pixels" in out
     for name in ("pixel AUROC", "AUPRO", "pixel AP", "pixel F1-max"):
-        line = next(ln for ln in out.splitlines() if ln.startswith(name))
-        a, b = float(line.split()[-5]), float(line.split()[-3])
-        assert 0 <= a <= 100 and 0 <= b <= 100 and abs(a - b) < 5
+        line = next(ln for ln in out.splitlines() if ln.startswith(name)).split()
+        assert 0 <= float(line[-5]) <= 100
+        assert line[-4] == "nearest" and line[-2] == "bicubic"
+        assert abs(float(line[-3])) < 5 and abs(float(line[-1])) < 5

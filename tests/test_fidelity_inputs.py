@@ -280,7 +280,8 @@ def test_bilinear_mask_rule_is_the_anchors(tmp_path: Path):
         ours = load_mask(tmp_path / "m.png", size)
         ref = _torchvision_anchor_mask(tmp_path / "m.png", size)
         assert torch.equal(ours, ref), size
-        nearest = load_mask(tmp_path / "m.png", size, resize="nearest")
-        assert 0 < (nearest != ours).sum() < 0.05 * size * size   # only at borders
+        for rule in ("nearest", "bicubic"):
+            other = load_mask(tmp_path / "m.png", size, resize=rule)
+            assert 0 < (other != ours).sum() < 0.05 * size * size   # only at borders
     with pytest.raises(ValueError, match="mask_resize must be one of"):
         load_mask(tmp_path / "m.png", 64, resize="area")
