@@ -20,6 +20,9 @@ overrides), the seeds and the auxiliary -> targets transfers. Built-in protocols
     aux = "visa"
     targets = ["mvtec"]
     hparams = { vand = { epochs = 15 } }  # settings that depend on the auxiliary dataset
+    [[transfers]]
+    aux = ["visa", "clinicdb"]            # several datasets: trained on their union
+    targets = ["colondb"]                 # (records and hparams name it "visa+clinicdb")
     [hparams.anomalyclip]                 # per-method overrides of the paper defaults
     epochs = 15
     [backbones.winclip]                   # a method that runs on another backbone
@@ -100,12 +103,28 @@ class BackboneSpec:
                 "pos_embed_resize": self.pos_embed_resize or INPUT_DEFAULTS["pos_embed_resize"]}
 
 
+#: Joins the datasets of a multi-dataset auxiliary split in its id (``"mvtec+colondb"``).
+AUX_JOIN = "+"
+
+
+def aux_parts(aux: str) -> tuple[str, ...]:
+    """The datasets of an auxiliary split id: ``"mvtec+colondb"`` -> ``("mvtec", "colondb")``."""
+    return tuple(aux.split(AUX_JOIN))
+
+
 @dataclass(frozen=True)
 class Transfer:
+    """Train on ``aux`` (one dataset id, or several joined by ``+``: trained on their union),
+    evaluate on every target."""
+
     aux: str
     targets: tuple[str, ...]
     #: per-method settings that hold for this auxiliary dataset only (e.g. VAND's 15 epochs on VisA)
     hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def aux_datasets(self) -> tuple[str, ...]:
+        return aux_parts(self.aux)
 
 
 @dataclass
@@ -176,7 +195,7 @@ class Protocol:
     def all_datasets(self) -> list[str]:
         seen: list[str] = []
         for t in self.transfers:
-            for d in (t.aux, *t.targets):
+            for d in (*t.aux_datasets, *t.targets):
                 if d not in seen:
                     seen.append(d)
         return seen
@@ -262,11 +281,17 @@ def load(name_or_path: str | Path) -> Protocol:
     for i, t in enumerate(raw["transfers"]):
         if "aux" not in t or not t.get("targets"):
             raise ProtocolError(f"{path}: transfers[{i}] needs 'aux' and a non-empty 'targets' list")
+        aux = t["aux"]
+        if isinstance(aux, list):  # several datasets trained on at once (AdaCLIP's protocol)
+            if not aux or len(set(aux)) != len(aux) or any(AUX_JOIN in str(a) for a in aux):
+                raise ProtocolError(f"{path}: transfers[{i}] aux must be a dataset id or a list of "
+                                    f"distinct dataset ids, got {aux!r}")
+            aux = AUX_JOIN.join(str(a) for a in aux)
         extra = set(t) - {"aux", "targets", "hparams"}
         if extra:
             raise ProtocolError(f"{path}: transfers[{i}] has unknown keys {sorted(extra)}; "
                                 "use aux, targets, hparams")
-        transfers.append(Transfer(str(t["aux"]), tuple(str(x) for x in t["targets"]),
+        transfers.append(Transfer(str(aux), tuple(str(x) for x in t["targets"]),
                                   {k: dict(v) for k, v in t.get("hparams", {}).items()}))
     few_shot = {str(k): list(v) for k, v in raw.get("few_shot", {}).items()}
     for k, v in few_shot.items():
@@ -299,10 +324,13 @@ def load(name_or_path: str | Path) -> Protocol:
 def check_leakage(proto: Protocol) -> None:
     """Refuse a transfer that evaluates on the dataset it trains on (zero-shot means unseen)."""
     for t in proto.transfers:
-        if t.aux in t.targets:
+        inside = [d for d in t.aux_datasets if d in t.targets]
+        if inside:
             raise ProtocolError(
-                f"{proto.source}: transfer aux='{t.aux}' also lists '{t.aux}' as a target. Zero-shot "
-                f"transfer never evaluates on the auxiliary dataset; remove it from targets."
+                f"{proto.source}: transfer aux='{t.aux}' also lists {', '.join(map(repr, inside))} "
+                f"as a target. Zero-shot transfer never evaluates on a dataset of its auxiliary "
+                f"split; remove it from targets (or evaluate it in a transfer that does not train "
+                f"on it)."
             )
         if len(set(t.targets)) != len(t.targets):
             raise ProtocolError(f"{proto.source}: transfer aux='{t.aux}' lists a target twice")

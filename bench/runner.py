@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import ConcatDataset
 from tqdm.auto import tqdm
 
 from bench import manifest as mf
@@ -271,6 +272,16 @@ class Runner:
             self._datasets[name] = open_dataset(self.proto, name, self.data_root)
         return self._datasets[name]
 
+    def aux_dataset(self, aux: str, image_size: int, class_words: str = "readable"):
+        """The training images of an auxiliary split: the test split of its dataset, or the
+        union of the test splits of several (``"mvtec+colondb"``), in that order."""
+        parts = []
+        for name in protocol_mod.aux_parts(aux):
+            handle = self.dataset(name)
+            rows = handle.manifest[handle.manifest["split"] == "test"]
+            parts.append(handle.torch_dataset(rows, image_size, class_words, self.mask_resize))
+        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
     def hparams(self, method: str, aux: str) -> dict[str, Any]:
         hp = self.proto.hparams_for(method, aux)
         cls = METHODS.get(method)
@@ -321,10 +332,7 @@ class Runner:
             seed_everything(job.seed)
         if not cls.trains:
             return method
-        aux = self.dataset(job.aux)
-        rows = aux.manifest[aux.manifest["split"] == "test"]
-        ds = aux.torch_dataset(rows, bb.image_size, self.proto.class_words_for(name),
-                               self.mask_resize)
+        ds = self.aux_dataset(job.aux, bb.image_size, self.proto.class_words_for(name))
         bs = int(hp.get("batch_size", self.proto.run.get("train_batch_size", 8)))
         loader = make_loader(ds, batch_size=bs, shuffle=True, seed=job.seed)
         seed_everything(job.seed)
