@@ -131,6 +131,10 @@ class ClipBackbone(nn.Module):
         self.text_layers = len(model.transformer.resblocks)
         self.context_length = int(model.positional_embedding.shape[0])
         self.mean, self.std = OPENAI_MEAN, OPENAI_STD
+        #: how tables name the weights: the tag, or a file's name and short sha256 (never a
+        #: local path: tables are cited; provenance.json keeps the path and the full hash)
+        self.weights_label = pretrained or "random init"
+        self.weights_sha256: str | None = None
         #: "quick_gelu" or "gelu": what the MLPs of both towers compute (read off the modules)
         self.activation = model_activation(model)
         #: how the position grid is resized to ``image_size`` (a no-op at the native size)
@@ -154,7 +158,7 @@ class ClipBackbone(nn.Module):
     def describe(self) -> str:
         act = "QuickGELU" if self.activation == "quick_gelu" else "GELU"
         resize = f", pos-embed {self.pos_embed_resize}" if self.pos_embed_resized else ""
-        return f"{self.arch} ({self.pretrained or 'random init'}) @ {self.image_size}px, {act}{resize}"
+        return f"{self.arch} ({self.weights_label}) @ {self.image_size}px, {act}{resize}"
 
     def settings(self) -> dict[str, object]:
         """The backbone settings that change features (provenance, cache keys)."""
@@ -276,6 +280,17 @@ class ClipBackbone(nn.Module):
         pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
         proj = m.text_projection
         return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's bytes (checkpoints are named by it in tables and provenance)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def native_image_size(arch: str) -> int | None:
@@ -488,6 +503,9 @@ def load_clip(
     size = size[0] if isinstance(size, tuple | list) else size
     backbone = ClipBackbone(model, tokenizer, arch=arch, pretrained=tag, image_size=int(size),
                             pos_embed_resize=pos_embed_resize)
+    if tag is not None and is_checkpoint_path(tag):
+        backbone.weights_sha256 = file_sha256(Path(tag))
+        backbone.weights_label = f"{Path(tag).name}, sha256 {backbone.weights_sha256[:8]}"
     if backbone.activation != act:  # pragma: no cover - an open_clip that ignores the flag
         raise BackboneError(f"{arch}: asked for {act} but open_clip built {backbone.activation}")
     return backbone.to(device)

@@ -59,6 +59,13 @@ def _adapter_help() -> str:
     return "\n".join(lines)
 
 
+def _plugin_option(parser: argparse.ArgumentParser) -> None:
+    """``--plugin`` after the subcommand too (``zsad-bench run --protocol demo --plugin x.py``)."""
+    parser.add_argument("--plugin", dest="sub_plugins", action="append", default=[],
+                        metavar="FILE.py", help="import a file that registers extra methods or "
+                        "adapters (repeatable; also accepted before the subcommand)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="zsad-bench",
@@ -71,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list registered methods, datasets or protocols")
     ls.add_argument("what", choices=["methods", "datasets", "protocols"])
+    _plugin_option(ls)
 
     pr = sub.add_parser("prepare", help="scan a raw dataset download into a manifest",
                         description="Scan the raw download in --root, validate it, write "
@@ -98,10 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--no-progress", action="store_true", help="no progress bars")
     rn.add_argument("--executor", choices=["local", "slurm"], default="local",
                     help="run jobs in-process (default) or submit them with submitit")
+    _plugin_option(rn)
 
     ck = sub.add_parser("check", help="list missing datasets and checkpoints of a protocol")
     ck.add_argument("--protocol", required=True, metavar="NAME_OR_PATH")
     ck.add_argument("--data-root", type=Path, default=Path("data"))
+    _plugin_option(ck)
 
     rp = sub.add_parser("report", help="render leaderboards from a result store")
     rp.add_argument("results", type=Path, help="a run directory (or a folder of runs)")
@@ -113,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--protocol", default="demo", help="protocol whose backbone settings to use")
     pf.add_argument("--image-size", type=int, default=None)
     pf.add_argument("--results", type=Path, default=None, help="append cost records to this run")
+    _plugin_option(pf)
 
     mn = sub.add_parser("manifest", help="import/export AnomalyCLIP/AdaCLIP meta.json")
     mn.add_argument("action", choices=["export", "import"])
@@ -131,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.registry import RegistryError, load_plugin
 
     try:
-        for plugin in args.plugin:
+        for plugin in [*args.plugin, *getattr(args, "sub_plugins", [])]:
             load_plugin(plugin)
         return COMMANDS[args.command](args)
     except RegistryError as err:

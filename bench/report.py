@@ -672,6 +672,13 @@ def _heatmap(m: np.ndarray) -> np.ndarray:
     return (colormaps["jet"](m)[..., :3] * 255).astype(np.uint8)
 
 
+def _array_thumb(rgb: np.ndarray, size: int) -> str:
+    from PIL import Image
+
+    im = Image.fromarray(np.asarray(rgb, dtype=np.uint8))
+    return _png_data_uri(np.asarray(im.resize((size, size), Image.BICUBIC)))
+
+
 def _image_thumb(path: Path, size: int) -> str | None:
     from PIL import Image
 
@@ -697,6 +704,7 @@ def gallery(results_dir: Path, methods: list[str], max_per_dataset: int = 12) ->
             maps, masks, images = z["maps"], z["masks"], [str(s) for s in z["images"]]
             labels = z["labels"] if "labels" in z else np.full(len(images), -1)
             root = Path(str(z["root"])) if "root" in z else None
+            thumbs = z["thumbs"] if "thumbs" in z else None
         except (OSError, ValueError, KeyError) as err:
             log.warning("gallery: cannot read %s (%s)", f, err)
             continue
@@ -704,7 +712,9 @@ def gallery(results_dir: Path, methods: list[str], max_per_dataset: int = 12) ->
         for i, img in enumerate(images):
             e = entries.setdefault((cat, img), {
                 "category": cat, "image": img, "label": int(labels[i]),
-                "root": root, "mask": masks[i], "maps": {}})
+                "root": root, "mask": masks[i], "maps": {}, "thumb": None})
+            if e["thumb"] is None and thumbs is not None and i < len(thumbs):
+                e["thumb"] = np.asarray(thumbs[i], dtype=np.uint8)
             e["maps"][(method, aux)] = maps[i]
     out = []
     for ds in sorted(by_ds):
@@ -713,7 +723,10 @@ def gallery(results_dir: Path, methods: list[str], max_per_dataset: int = 12) ->
         size = int(entries[0]["mask"].shape[-1]) if entries else 96
         rows = []
         for e in entries:
-            thumb = _image_thumb(e["root"] / e["image"], size) if e["root"] is not None else None
+            if e["thumb"] is not None:  # stored by the run: renders from anywhere
+                thumb = _array_thumb(e["thumb"], size)
+            else:                       # older runs: read the image from the data root
+                thumb = _image_thumb(e["root"] / e["image"], size) if e["root"] is not None else None
             gt = _png_data_uri((np.asarray(e["mask"], dtype=bool) * 255).astype(np.uint8))
             cells = []
             for m in cols:

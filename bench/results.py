@@ -155,8 +155,9 @@ class ResultStore:
         path = self.dir / "provenance.json"
         old = json.loads(path.read_text()) if path.is_file() else {}
         merged = {**old, **info}
-        if "checkpoints" in old and "checkpoints" in info:
-            merged["checkpoints"] = {**old["checkpoints"], **info["checkpoints"]}
+        for key in ("checkpoints", "backbones"):  # tables filled one entry at a time
+            if isinstance(old.get(key), dict) and isinstance(info.get(key), dict):
+                merged[key] = {**old[key], **info[key]}
         atomic_write_text(path, json.dumps(merged, indent=2, sort_keys=True, default=str))
 
     def provenance(self) -> dict[str, Any]:
@@ -176,6 +177,42 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+#: Paths (relative to the repository root) that runs write into a checkout: generated demo
+#: data, result stores, rendered reports, caches. They never make a checkout "dirty".
+GENERATED_PATHS = ("data/", "results/", "reports/site/", ".nox/", ".benchmarks/")
+
+
+def git_state(where: str | Path) -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the git checkout holding ``where``; (None, None) outside git.
+
+    Dirty means a real change: a modified, added, deleted or new (untracked, not ignored) file
+    anywhere but under :data:`GENERATED_PATHS` — generated outputs are not edits.
+    """
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=where, timeout=5).stdout.strip() or None
+        status = subprocess.run(["git", "status", "--porcelain", "-z", "--untracked-files=all"],
+                                capture_output=True, text=True, cwd=where, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    if commit is None or status.returncode != 0:
+        return commit, None
+    changed = []
+    entries = status.stdout.split("\0")
+    i = 0
+    while i < len(entries):
+        entry = entries[i]
+        i += 1
+        if len(entry) < 4:
+            continue
+        code, path = entry[:2], entry[3:]
+        if "R" in code or "C" in code:  # rename/copy: the next entry is the old path
+            i += 1
+        changed.append(path)
+    dirty = any(not path.startswith(GENERATED_PATHS) for path in changed)
+    return commit, dirty
+
+
 def environment() -> dict[str, Any]:
     """Versions, device and git commit for provenance.json."""
     from importlib import metadata
@@ -187,13 +224,7 @@ def environment() -> dict[str, Any]:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                                    cwd=Path(__file__).parent, timeout=5).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
+    commit, dirty = git_state(Path(__file__).parent)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
     return {"git_commit": commit, "git_dirty": dirty, "python": sys.version.split()[0],
             "platform": platform.platform(), "device": device, "versions": versions}

@@ -184,7 +184,10 @@ def load_backbone(spec: protocol_mod.BackboneSpec, device: str = "cpu") -> ClipB
         from bench.toyclip import checkpoint_path
 
         pretrained = str(checkpoint_path())
-    return load_clip(spec.arch, pretrained, spec.image_size, device, **spec.load_kwargs())
+    bb = load_clip(spec.arch, pretrained, spec.image_size, device, **spec.load_kwargs())
+    if spec.pretrained == protocol_mod.TOY_PRETRAINED and bb.weights_sha256:
+        bb.weights_label = f"{spec.pretrained}, sha256 {bb.weights_sha256[:8]}"
+    return bb
 
 
 @dataclass
@@ -238,6 +241,9 @@ class Runner:
         if spec.key() not in self._backbones:
             bb = load_backbone(spec, self.device)
             self._fingerprints[spec.key()] = state_digest(bb.model.state_dict())
+            self.store.write_provenance({"backbones": {spec.key(): {
+                **bb.settings(), "label": bb.describe(), "weights_sha256": bb.weights_sha256,
+                "state_digest": self._fingerprints[spec.key()]}}})
             mode = str(self.proto.run.get("feature_cache", "memory"))
             if mode not in ("memory", "disk", "off"):
                 raise RunError(f"{self.proto.source}: [run] feature_cache must be memory, disk or "
@@ -446,9 +452,24 @@ class Runner:
         gt = torch.nn.functional.interpolate(gt, size=(GALLERY_SIZE, GALLERY_SIZE), mode="nearest")[:, 0]
         shots = f"-k{job.shots}" if job.shots else ""
         path = self.store.dir / "maps" / f"{job.method}{shots}__{job.aux}__{dataset}__{category}.npz"
+        root = self.dataset(dataset).root.resolve()
+        names = [rows.iloc[i]["image"] for i in pick]
+        # the report renders anywhere (another directory, another machine): keep small
+        # thumbnails of the images themselves next to the maps; the root is only a fallback
         np.savez_compressed(path, maps=small.astype(np.float16), masks=gt.numpy().astype(bool),
-                            images=np.array([rows.iloc[i]["image"] for i in pick]),
-                            labels=labels[pick], root=str(self.dataset(dataset).root))
+                            images=np.array(names), labels=labels[pick], root=str(root),
+                            thumbs=np.stack([_thumbnail(root / n, GALLERY_SIZE) for n in names]))
+
+
+def _thumbnail(path: Path, size: int) -> np.ndarray:
+    """An RGB uint8 thumbnail [size, size, 3] of an image (black if it cannot be read)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
+    except (OSError, ValueError):
+        return np.zeros((size, size, 3), np.uint8)
 
 
 def hash_str(s: str) -> int:
