@@ -104,8 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--seeds", type=_ints, default=None, help="comma-separated subset of seeds")
     rn.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     rn.add_argument("--no-progress", action="store_true", help="no progress bars")
-    rn.add_argument("--executor", choices=["local", "slurm"], default="local",
-                    help="run jobs in-process (default) or submit them with submitit")
+    rn.add_argument("--workers", type=int, default=1, metavar="N",
+                    help="worker processes on this machine (default 1); they share the results "
+                    "directory through job claims, as do separate runs started at the same time")
+    rn.add_argument("--devices", type=_csv, default=None, metavar="DEV,DEV",
+                    help="one device per worker, round-robin (e.g. cuda:0,cuda:1,cuda:2,cuda:3)")
+    rn.add_argument("--executor", choices=["local", "slurm", "submitit-local"], default="local",
+                    help="local worker processes (default); slurm: one SLURM task per job through "
+                    "submitit ([run.slurm] in the protocol); submitit-local: the same submission "
+                    "run by submitit's local executor (no cluster; for trying the SLURM path)")
+    rn.add_argument("--no-wait", action="store_true",
+                    help="with --executor slurm: submit and return without waiting for the tasks")
     _plugin_option(rn)
 
     ck = sub.add_parser("check", help="list missing datasets and checkpoints of a protocol")
@@ -258,7 +267,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     from bench.protocol import ProtocolError
-    from bench.runner import RunError, Runner, expand, prepare_protocol
+    from bench.runner import RunError, Runner, prepare_protocol
 
     try:
         proto = prepare_protocol(args.protocol, methods=args.methods)
@@ -276,14 +285,27 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EXIT_BAD_INPUT
         device = args.device or proto.run.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         results = args.results or Path("results") / proto.name / proto.digest()
-        runner = Runner(proto, results, args.data_root, device=device, progress=not args.no_progress)
-        jobs = expand(proto, args.seeds)
-        if args.executor == "slurm":
-            from bench.executors import SubmititExecutor
+        Runner(proto, results, args.data_root, device=device, progress=False)  # checks the store
+        from bench.executors import LocalExecutor, SubmititExecutor, WorkerSpec
 
-            summary = SubmititExecutor(results / "slurm").run(runner, jobs)
+        protocol = Path(args.protocol)  # absolute paths: workers may run elsewhere (SLURM)
+        spec = WorkerSpec(protocol=str(protocol.resolve()) if protocol.exists() else args.protocol,
+                          results=str(Path(results).resolve()),
+                          data_root=str(Path(args.data_root).resolve()),
+                          plugins=[str(Path(x).resolve()) for x in
+                                   [*args.plugin, *getattr(args, "sub_plugins", [])]],
+                          methods=args.methods, seeds=args.seeds, device=device,
+                          progress=not args.no_progress)
+        if args.executor == "local":
+            summary = LocalExecutor(args.workers, args.devices).run(spec)
         else:
-            summary = runner.run(jobs)
+            cluster = "slurm" if args.executor == "slurm" else "local"
+            summary = SubmititExecutor(Path(results) / "slurm", cluster=cluster,
+                                       max_parallel=args.workers if args.workers > 1 else None,
+                                       wait=not args.no_wait).run(spec)
+            print(f"{summary['submitted']} task(s) submitted, {summary['skipped']} job(s) already "
+                  f"complete, {summary['held_elsewhere']} running elsewhere, "
+                  f"{summary['queued_before']} queued before", file=sys.stderr)
     except (ProtocolError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

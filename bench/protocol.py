@@ -328,9 +328,9 @@ def check_leakage(proto: Protocol) -> None:
         if inside:
             raise ProtocolError(
                 f"{proto.source}: transfer aux='{t.aux}' also lists {', '.join(map(repr, inside))} "
-                f"as a target. Zero-shot transfer never evaluates on a dataset of its auxiliary "
-                f"split; remove it from targets (or evaluate it in a transfer that does not train "
-                f"on it)."
+                f"as a target. Zero-shot transfer never evaluates on the auxiliary dataset(s) it "
+                f"trains on; remove it from targets (or evaluate it in a transfer that does not "
+                f"train on it)."
             )
         if len(set(t.targets)) != len(t.targets):
             raise ProtocolError(f"{proto.source}: transfer aux='{t.aux}' lists a target twice")

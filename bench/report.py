@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from bench import reported
-from bench.results import load, read_jsonl
+from bench.results import load, read_jsonl, read_provenance
 
 log = logging.getLogger("zsad_bench.report")
 
@@ -864,9 +864,10 @@ def provenances(results_dir: Path) -> list[dict[str, Any]]:
     out = []
     for p in sorted(Path(results_dir).rglob("provenance.json")):
         try:
-            d = json.loads(p.read_text(encoding="utf-8"))
+            json.loads(p.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             continue
+        d = read_provenance(p.parent)  # with the per-job files (checkpoints, backbones)
         env = d.get("environment", {})
         out.append({
             "run": str(p.parent), "protocol": d.get("protocol", ""),

@@ -88,4 +88,4 @@ class Vandal(Method):
     runner = Runner(proto, tmp_path / "R", demo_data_root, progress=False)
     with pytest.raises(RunError, match="vandal changed the weights of the shared backbone"):
         runner.run(expand(proto))
-    assert not (tmp_path / "R" / "units.jsonl").exists()
+    assert not list((tmp_path / "R" / "units").glob("*.json"))

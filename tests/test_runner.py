@@ -79,12 +79,12 @@ def test_run_records_follow_the_contract(tmp_path: Path, data_copy: Path):
         assert r["dataset"] == "demo_target" and r["aux"] == "demo_aux"
     # 7 metrics x categories x (clip once + probe twice)
     assert len(lines) == 7 * len(cats) * 3
-    prov = json.loads((tmp_path / "R" / "provenance.json").read_text())
+    prov = results.read_provenance(tmp_path / "R")   # provenance.json + jobs/*.json
     assert prov["protocol_hash"] == proto.digest()
     assert set(prov["checkpoints"]) == {"patch_probe__demo_aux__s0", "patch_probe__demo_aux__s1"}
     # a second run skips everything and writes nothing
     again = Runner(proto, tmp_path / "R", data_copy, progress=False).run(expand(proto))
-    assert again == {"jobs": 3, "skipped": 3, "ran": 0, "records": 0}
+    assert again == {"jobs": 3, "skipped": 3, "ran": 0, "by_others": 0, "records": 0}
     assert len((tmp_path / "R" / "records.jsonl").read_text().splitlines()) == len(lines)
 
 
@@ -98,8 +98,8 @@ def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path: Path, data_co
     s0 = [r["value"] for r in a if r["seed"] == 0]
     s1 = [r["value"] for r in a if r["seed"] == 1]
     assert s0 != s1
-    prov_a = json.loads((tmp_path / "A" / "provenance.json").read_text())["checkpoints"]
-    prov_b = json.loads((tmp_path / "B" / "provenance.json").read_text())["checkpoints"]
+    prov_a = results.read_provenance(tmp_path / "A")["checkpoints"]
+    prov_b = results.read_provenance(tmp_path / "B")["checkpoints"]
     assert {k: v["sha256"] for k, v in prov_a.items()} == {k: v["sha256"] for k, v in prov_b.items()}
 
 
@@ -109,20 +109,22 @@ def test_kill_minus_9_then_resume_equals_uninterrupted_run(tmp_path: Path, data_
     assert full.wait(timeout=600) == 0, full.stderr.read()
 
     part = _run_cli(tmp_path, proto, data_copy, tmp_path / "killed", start_new_session=True)
-    units = tmp_path / "killed" / "units.jsonl"
+    units = tmp_path / "killed" / "units"
     deadline = time.time() + 300
     while time.time() < deadline and part.poll() is None:
-        if units.is_file() and len(units.read_text().splitlines()) >= 2:
+        if units.is_dir() and len(list(units.glob("*.json"))) >= 2:
             break
         time.sleep(0.05)
     assert part.poll() is None, "the run finished before it could be killed"
     os.killpg(part.pid, signal.SIGKILL)
     part.wait()
-    n_done = len(units.read_text().splitlines())
+    n_done = len(list(units.glob("*.json")))
     assert 2 <= n_done < 4
-    # simulate a torn write of a unit that never committed
-    with open(tmp_path / "killed" / "records.jsonl", "a") as fh:
-        fh.write('{"method": "patch_probe", "unit": "patch_probe__demo_aux__s2__demo_target", "val')
+    # simulate what a kill mid-write leaves: a torn temporary file and a shard never committed
+    shards = tmp_path / "killed" / "shards"
+    (shards / ".patch_probe__demo_aux__s2__demo_target.jsonl.h.1.1.tmp").write_text('{"val')
+    (shards / "patch_probe__demo_aux__s2__demo_target.jsonl").write_text(
+        '{"method": "patch_probe", "unit": "patch_probe__demo_aux__s2__demo_target", "value": 2.0}\n')
 
     resumed = _run_cli(tmp_path, proto, data_copy, tmp_path / "killed")
     out, err = resumed.communicate(timeout=600)
