@@ -1,6 +1,7 @@
 """`zsad-bench` — the command line (same as ``python -m bench``).
 
-Subcommands: ``list``, ``prepare``, ``run``, ``report``, ``profile``, ``check``, ``manifest``.
+Subcommands: ``list``, ``prepare``, ``plan``, ``run``, ``report``, ``profile``, ``check``,
+``manifest``.
 Run ``zsad-bench SUBCOMMAND --help`` for each one's options and examples.
 """
 
@@ -116,6 +117,25 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--no-wait", action="store_true",
                     help="with --executor slurm: submit and return without waiting for the tasks")
     _plugin_option(rn)
+
+    pl = sub.add_parser("plan", help="the job graph and its cost, without running anything",
+                        description="Print the jobs of a protocol in run order with their "
+                        "dependencies, what --results already holds, the frozen visual paths and "
+                        "the forward passes the feature cache saves, the cache's disk need, and "
+                        "device hours where --results holds a profile of the same backbone "
+                        "(`zsad-bench profile --results`). Needs no data and no weights.",
+                        epilog="examples:\n  zsad-bench plan --protocol full --data-root /data\n"
+                        "  zsad-bench plan --protocol full --results results/full --json > plan.json",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pl.add_argument("--protocol", required=True, metavar="NAME_OR_PATH")
+    pl.add_argument("--data-root", type=Path, default=None,
+                    help="read image counts from manifests here (default: published counts)")
+    pl.add_argument("--results", type=Path, default=None,
+                    help="a run directory: what is done, and cost.jsonl for device hours")
+    pl.add_argument("--methods", type=_csv, default=None, help="comma-separated subset of methods")
+    pl.add_argument("--seeds", type=_ints, default=None, help="comma-separated subset of seeds")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    _plugin_option(pl)
 
     ck = sub.add_parser("check", help="list missing datasets and checkpoints of a protocol")
     ck.add_argument("--protocol", required=True, metavar="NAME_OR_PATH")
@@ -263,6 +283,24 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if not problems else EXIT_BAD_INPUT
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from bench.plan import format_plan, make_plan
+    from bench.protocol import ProtocolError
+    from bench.runner import prepare_protocol
+
+    try:
+        proto = prepare_protocol(args.protocol, methods=args.methods)
+        plan = make_plan(proto, results_dir=args.results, data_root=args.data_root,
+                         seeds=args.seeds)
+    except ProtocolError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(plan.to_dict(), indent=2, sort_keys=True) if args.json else format_plan(plan))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
@@ -353,6 +391,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"list": cmd_list, "prepare": cmd_prepare, "run": cmd_run, "check": cmd_check,
+            "plan": cmd_plan,
             "report": cmd_report, "profile": cmd_profile, "manifest": cmd_manifest}
 
 
