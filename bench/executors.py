@@ -151,6 +151,20 @@ class _JobTask:
         return submitit.helpers.DelayedSubmission(self, spec)
 
 
+def submitit_parameters(params: dict[str, Any], cluster: str = "slurm") -> dict[str, Any]:
+    """``[run.slurm]`` -> ``AutoExecutor.update_parameters`` keywords (see :data:`SLURM_KEYS`;
+    other keys pass through). Off SLURM, the SLURM-only ones are dropped."""
+    mapped: dict[str, Any] = {"timeout_min": 24 * 60}
+    for key, value in params.items():
+        if key == "max_parallel":
+            continue
+        mapped[SLURM_KEYS.get(key, key)] = value
+    if cluster != "slurm":
+        mapped = {k: v for k, v in mapped.items() if not k.startswith("slurm_")
+                  and k not in ("gpus_per_node", "cpus_per_task", "mem_gb")}
+    return mapped
+
+
 class SubmititExecutor:
     """Submit one task per pending job with submitit; ``cluster="slurm"`` or ``"local"``.
 
@@ -173,15 +187,7 @@ class SubmititExecutor:
         except ImportError as err:
             raise RuntimeError("--executor slurm needs submitit: pip install 'zsad-bench[slurm]'") from err
         ex = submitit.AutoExecutor(folder=str(self.folder / "logs"), cluster=self.cluster)
-        mapped = {"timeout_min": 24 * 60}
-        for key, value in params.items():
-            if key == "max_parallel":
-                continue
-            mapped[SLURM_KEYS.get(key, key)] = value
-        if self.cluster != "slurm":
-            mapped = {k: v for k, v in mapped.items() if not k.startswith("slurm_")
-                      and k not in ("gpus_per_node", "cpus_per_task", "mem_gb")}
-        ex.update_parameters(**mapped)
+        ex.update_parameters(**submitit_parameters(params, self.cluster))
         return ex
 
     # -- what was submitted ----------------------------------------------------------------
