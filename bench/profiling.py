@@ -511,7 +511,8 @@ def profile(methods: list[str] | None = None, *, protocol: str = "demo", device:
                 echo(f"note: {backbones[key][1]}")
         bb, note = backbones[key]
         hp = dict(proto.hparams.get(name, {}))
-        tbs = int(hp.get("batch_size", proto.run.get("train_batch_size", 8)))
+        tbs = int(hp.get("batch_size", METHODS.get(name).default_hparams.get(
+            "batch_size", proto.run.get("train_batch_size", 8))))
         shots = (getattr(proto, "few_shot", {}) or {}).get(name) or [1]
         shots = int(shots[0] if isinstance(shots, list | tuple) else shots)
         if echo:

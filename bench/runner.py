@@ -431,7 +431,9 @@ class Runner:
         if not cls.trains:
             return method
         ds = self.aux_dataset(job.aux, bb.image_size, self.proto.class_words_for(name))
-        bs = int(hp.get("batch_size", self.proto.run.get("train_batch_size", 8)))
+        # the protocol's [hparams], else the paper's (the class default), else [run]'s
+        bs = int(hp.get("batch_size", cls.default_hparams.get(
+            "batch_size", self.proto.run.get("train_batch_size", 8))))
         loader = make_loader(ds, batch_size=bs, shuffle=True, seed=job.seed)
         seed_everything(job.seed)
         t0 = time.perf_counter()
