@@ -8,7 +8,11 @@ AF-CLIP (zero-shot, §4.1–4.4), on a frozen CLIP ViT:
 * **Multi-scale spatial aggregation** (§4.1, Eq. 5–6): for each window size r ∈ {1, 3, 5}
   every patch feature is replaced by a Gaussian-weighted average (σ = 4, the released code's
   value) of its r×r neighbourhood, centre included; r = 1 is the identity; the class token is
-  kept: ``c^{ℓr} = [a_CLS; b̃^{ℓr}]`` (:func:`aggregate`).
+  kept: ``c^{ℓr} = [a_CLS; b̃^{ℓr}]`` (:func:`aggregate`). At the grid's borders the weights
+  are renormalised over the positions inside the grid; the released code applies the fixed
+  kernel to a zero-padded grid, which scales each border feature by a constant — immaterial
+  here, since every consumer is invariant to a per-token scale (the adapter starts with a
+  LayerNorm, the memory bank of AF-CLIP+ compares cosines): the two agree to LayerNorm's eps.
 * **Attention adapter** (§4.1, Eq. 3–4): one lightweight multi-head attention module
   ``H_a`` — LayerNorm, then Q, K, V projections (no bias) to ``heads × head_dim`` and an output
   projection O back to the width — shared by all blocks and scales, applied to the CLS and
@@ -22,9 +26,19 @@ AF-CLIP (zero-shot, §4.1–4.4), on a frozen CLIP ViT:
   over {normal, anomalous}; ``p_CLS`` is the image score, the patch probabilities ``P̃`` the map,
   upsampled (bilinear) and smoothed with a Gaussian (σ = 4) at inference (§4.4).
 * **Loss** (§4.3, Eq. 11–15): ``L = L_cls + λ1 L_seg + λ2 L_pal`` with λ1 = λ2 = 1;
-  ``L_cls = Focal(p_CLS, y)``; ``L_seg = Focal(P̃, M̃) + L1(P̃, M̃)`` (Eq. 13; the mask
-  downsampled to the patch grid, bilinear, re-binarised at 0.5); ``L_pal`` the patch
-  alignment hinge (Eq. 14, :func:`patch_alignment_loss`). Focal γ = 4 (released code).
+  ``L_cls = Focal(p_CLS, y)``; ``L_seg = Focal(P̃, M̃) + L1(P̃, M̃)`` (Eq. 13); ``L_pal`` the
+  patch alignment hinge (Eq. 14, :func:`patch_alignment_loss`). As in the released
+  ``main.py``: the focal is the plain BCE-based one, γ = 4
+  (:func:`methods.losses.focal_loss_bce`, ``focal_variant="bce"``), not the label-smoothed
+  focal of AnomalyCLIP/VAND; the target ``M̃`` is the mask down-sampled to the patch grid
+  (bilinear) with values < 0.5 set to 0 and > 0.5 set to 1 — a cell of exactly 0.5 (a mask
+  edge at mid-patch) stays 0.5 (:func:`grid_targets`) and is in no pair of ``L_pal``.
+* **The released gradient bug** (``released_grad_bug``, default False): the released
+  ``patch_alignment_loss`` overwrites 0 → −1 in place on a storage-sharing copy of the target
+  after the map's focal saved it for backward, so its backward differentiates that focal with
+  target −1 at every normal cell (the loss value is unaffected). By default the suite
+  computes the gradient of the stated loss; ``released_grad_bug=True`` reproduces the
+  released gradient exactly (:func:`released_target_overwrite`).
 * **Training** (§5.1): Adam lr 1e-4 (betas (0.5, 0.999) as in the released code), batch 8,
   2 epochs, image size 518 (the protocol's), learnable parts: adapter + prompt embeddings.
 
@@ -46,7 +60,7 @@ from torch import nn
 
 from methods.base import Method, Prediction, register
 from methods.common import gaussian_blur, scale_layers
-from methods.losses import dice_loss, focal_loss
+from methods.losses import dice_loss, focal_loss, focal_loss_bce
 
 BIBTEX = """@inproceedings{fang2025afclip,
   title={AF-CLIP: Zero-Shot Anomaly Detection via Anomaly-Focused CLIP Adaptation},
@@ -69,15 +83,24 @@ def aggregation_kernel(r: int, sigma: float) -> torch.Tensor:
     return torch.exp(-(d[:, None] ** 2 + d[None, :] ** 2) / (2 * sigma ** 2))
 
 
-def aggregate(tokens: torch.Tensor, grid: tuple[int, int], r: int, sigma: float = 4.0) -> torch.Tensor:
+AGGREGATION_BORDERS = ("renormalise", "zero_pad")
+
+
+def aggregate(tokens: torch.Tensor, grid: tuple[int, int], r: int, sigma: float = 4.0,
+              border: str = "renormalise") -> torch.Tensor:
     """Multi-scale spatial aggregation of AF-CLIP (§4.1, Eq. 5–6) at one window size ``r``.
 
     ``tokens`` [B, 1 + N, W] (class token first) on a ``grid`` = (rows, cols) patch grid.
     Each patch becomes ``Σ_j η_j^r b_j`` over the r×r window around it, with
-    ``η_j^r = η_j / Σ_{j'} η_{j'}`` normalised over the window positions that lie inside
-    the grid (so the weights sum to one everywhere, borders included). The class token is
-    kept unchanged; ``r = 1`` returns ``tokens`` itself.
+    ``η_j^r = η_j / Σ_{j'} η_{j'}``. ``border="renormalise"``: normalised over the window
+    positions that lie inside the grid (so the weights sum to one everywhere, borders
+    included); ``"zero_pad"``: normalised over the whole window and applied to the
+    zero-padded grid (the released ``aggerate_neighbor``: border features shrink). The two
+    differ by a positive scale per token, which AF-CLIP's consumers (LayerNorm, cosines) do
+    not see. The class token is kept unchanged; ``r = 1`` returns ``tokens`` itself.
     """
+    if border not in AGGREGATION_BORDERS:
+        raise ValueError(f"aggregation border must be one of {AGGREGATION_BORDERS}, got {border!r}")
     if r == 1:
         return tokens
     B, L, W = tokens.shape
@@ -87,8 +110,11 @@ def aggregate(tokens: torch.Tensor, grid: tuple[int, int], r: int, sigma: float 
     k = aggregation_kernel(r, sigma).to(tokens)
     x = tokens[:, 1:].transpose(1, 2).reshape(B, W, h, w)
     num = F.conv2d(x, k.expand(W, 1, r, r), padding=r // 2, groups=W)
-    den = F.conv2d(torch.ones(1, 1, h, w, dtype=x.dtype, device=x.device), k[None, None],
-                   padding=r // 2)
+    if border == "zero_pad":
+        den = k.sum()
+    else:
+        den = F.conv2d(torch.ones(1, 1, h, w, dtype=x.dtype, device=x.device), k[None, None],
+                       padding=r // 2)
     patches = (num / den).reshape(B, W, h * w).transpose(1, 2)
     return torch.cat([tokens[:, :1], patches], dim=1)
 
@@ -146,18 +172,51 @@ class AFCLIPHead(nn.Module):
         self.prompts = StatePrompts(prompt_len, text_width)
 
 
+def grid_targets(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The target ``M̃`` [B, h, w] of ``L_seg`` and ``L_pal``: the mask [B, H, W] on the patch grid.
+
+    As the released ``main.py``: bilinear down-sampling (``align_corners=False``, no
+    antialias), then ``gts[gts < 0.5] = 0; gts[gts > 0.5] = 1``. A cell of exactly 0.5 is
+    kept: with an even down-sampling factor (patch 14 at 518 px, 8 in the demo) bilinear
+    reads the two pixels at the middle of the patch with weights 1/2 each, so a mask edge
+    falling there gives exactly 0.5.
+    """
+    g = F.interpolate(mask.float()[:, None], size=tuple(grid), mode="bilinear",
+                      align_corners=False)[:, 0]
+    return torch.where(g < 0.5, torch.zeros_like(g), torch.where(g > 0.5, torch.ones_like(g), g))
+
+
+def released_target_overwrite(target: torch.Tensor) -> None:
+    """Reproduce the side effect of the released ``patch_alignment_loss`` on ``target``.
+
+    ``main.py`` does ``new_gts = copy.copy(gts)`` — a second tensor on the same storage
+    with its own version counter — then ``new_gts[new_gts == 0] = -1``, after
+    ``focal_loss(predict_masks, gts)`` saved ``gts`` for backward (as the target of
+    ``F.binary_cross_entropy`` and the ``y`` of ``p * y``). Backward then reads −1 at every
+    normal cell; autograd does not notice (the saved tensor's version is not bumped) and the
+    loss value, computed before, is unchanged. ``target.data`` is the same kind of alias.
+    Called after every term is computed, on the very tensor the focal saved.
+    """
+    alias = target.data
+    alias[alias == 0] = -1
+
+
 def patch_alignment_loss(patches: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
     """AF-CLIP's patch alignment loss (§4.3, Eq. 14), averaged over the given feature sets.
 
     ``patches``: one [B, N, D] tensor of projected patch features per (block, scale);
-    ``mask`` [B, N] in {0, 1} (anomalous patches). Within each image, pairs are normal–anomalous
-    (N-A) or same-kind (N-N, A-A, each patch with itself included); over the batch,
+    ``mask`` [B, N]: 0 = normal, 1 = anomalous; cells with any other value (the 0.5 cells of
+    :func:`grid_targets`) are in no pair — in the released code their products with ±1 and
+    0.5 are neither −1 nor 1. Within each image, pairs are normal–anomalous (N-A) or
+    same-kind (N-N, A-A, each patch with itself included); over the batch,
     ``max(0, mean_{N-A} cos - mean_{N-N ∪ A-A} cos)``. A set without any N-A pair contributes
     0. Computed from per-image sums of normalised features, O(N·D) instead of O(N²·D).
     """
-    m = (mask > 0.5).to(patches[0].dtype)           # [B, N]
-    n_a = m.sum(1)
-    n_n = m.shape[1] - n_a
+    dtype = patches[0].dtype
+    a = (mask == 1).to(dtype)                        # [B, N]
+    n = (mask == 0).to(dtype)
+    n_a = a.sum(1)
+    n_n = n.sum(1)
     pairs_na = (n_n * n_a).sum()
     pairs_same = (n_n ** 2 + n_a ** 2).sum()
     total = patches[0].new_zeros(())
@@ -165,8 +224,8 @@ def patch_alignment_loss(patches: Sequence[torch.Tensor], mask: torch.Tensor) ->
         return total
     for z in patches:
         z = F.normalize(z, dim=-1)
-        s_a = torch.einsum("bn,bnd->bd", m, z)
-        s_n = torch.einsum("bn,bnd->bd", 1 - m, z)
+        s_a = torch.einsum("bn,bnd->bd", a, z)
+        s_n = torch.einsum("bn,bnd->bd", n, z)
         mean_na = (s_n * s_a).sum() / pairs_na
         mean_same = ((s_n * s_n).sum() + (s_a * s_a).sum()) / pairs_same
         total = total + F.relu(mean_na - mean_same)
@@ -198,6 +257,8 @@ class AFCLIP(Method):
         "lambda1": 1.0,                  # weight of L_seg
         "lambda2": 1.0,                  # weight of L_pal
         "focal_gamma": 4.0,              # released code's focal loss
+        "focal_variant": "bce",          # released main.py's BCE focal; "smoothed" = AnomalyCLIP's
+        "released_grad_bug": False,      # True: the released backward (target -1 at normal cells)
         "seg_loss": ["focal", "l1"],     # Eq. 13; "dice" may replace or join "l1"
         "epochs": 2,
         "lr": 1e-4,
@@ -206,12 +267,20 @@ class AFCLIP(Method):
         "smooth_sigma": 4.0,             # Gaussian smoothing of the upsampled map (§4.4)
     }
 
+    #: The released VisionTransformer.forward (clip/model.py) resizes the position grid
+    #: bilinearly (no antialias) from 336 to the image size; the prompts use no class words.
+    #: AF-CLIP+ inherits it (it shares AF-CLIP's trained state, hence its backbone).
+    released_inputs = {"pos_embed_resize": "bilinear"}
+
     def __init__(self, backbone: Any, **hparams: Any) -> None:
         super().__init__(backbone, **hparams)
         hp = self.hparams
         unknown = sorted(set(hp["seg_loss"]) - {"focal", "l1", "dice"})
         if unknown:
             raise ValueError(f"afclip: unknown seg_loss terms {unknown}; use focal, l1, dice")
+        if hp["focal_variant"] not in ("bce", "smoothed"):
+            raise ValueError(f"afclip: focal_variant must be 'bce' or 'smoothed', "
+                             f"got {hp['focal_variant']!r}")
         self.layers = scale_layers(hp["layers"], backbone.num_layers)
         self.radii = [int(r) for r in hp["radii"]]
         self.head = AFCLIPHead(backbone.width, backbone.text_width, heads=int(hp["adapter_heads"]),
@@ -278,24 +347,42 @@ class AFCLIP(Method):
         return gaussian_blur(up, float(self.hparams["smooth_sigma"]))
 
     # -- training --------------------------------------------------------------------------
+    def focal(self, prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The focal loss of ``L_cls`` and ``L_seg`` on anomalous-class probabilities [B, ...].
+
+        ``focal_variant="bce"`` (default): the released ``main.py``'s
+        (:func:`methods.losses.focal_loss_bce`, soft targets kept); ``"smoothed"``:
+        AnomalyCLIP's label-smoothed focal on (1 - p, p) (0.5 targets count as normal).
+        """
+        gamma = float(self.hparams["focal_gamma"])
+        if self.hparams["focal_variant"] == "bce":
+            return focal_loss_bce(prob, target, gamma=gamma)
+        return focal_loss(torch.stack([1 - prob, prob], dim=1), target, gamma=gamma,
+                          variant="smoothed")
+
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The terms of Eq. 15 for one batch: ``cls``, ``seg``, ``pal`` and ``total``."""
+        """The terms of Eq. 15 for one batch: ``cls``, ``seg``, ``pal`` and ``total``.
+
+        With ``released_grad_bug`` the target is overwritten afterwards as the released code
+        does (:func:`released_target_overwrite`): same values, the released gradient.
+        """
         hp = self.hparams
         dev = self.device
         images = batch["image"].to(dev)
         p_cls, p_map, _, z, grid = self.zero_shot(images)
         y = batch["label"].to(dev).float()
-        gt = F.interpolate(batch["mask"].to(dev).float()[:, None], size=grid, mode="bilinear",
-                           align_corners=False)[:, 0]
-        gt = (gt > 0.5).to(p_map.dtype)
-        gamma = float(hp["focal_gamma"])
-        l_cls = focal_loss(torch.stack([1 - p_cls, p_cls], dim=1), y, gamma=gamma)
-        terms = {"focal": lambda: focal_loss(torch.stack([1 - p_map, p_map], dim=1), gt, gamma=gamma),
+        # float32 (or wider): the focal then saves this very tensor (released_grad_bug)
+        gt = grid_targets(batch["mask"].to(dev), grid).to(
+            torch.promote_types(p_map.dtype, torch.float32))
+        l_cls = self.focal(p_cls, y)
+        terms = {"focal": lambda: self.focal(p_map, gt),
                  "l1": lambda: F.l1_loss(p_map, gt),
                  "dice": lambda: dice_loss(p_map, gt)}
         l_seg = sum(terms[name]() for name in hp["seg_loss"])
         l_pal = patch_alignment_loss([t[:, 1:] for t in z], gt.flatten(1))
         total = l_cls + float(hp["lambda1"]) * l_seg + float(hp["lambda2"]) * l_pal
+        if hp["released_grad_bug"]:
+            released_target_overwrite(gt)
         return {"cls": l_cls, "seg": l_seg, "pal": l_pal, "total": total}
 
     def fit(self, aux_loader, *, epochs: int | None = None, seed: int = 0, progress=iter) -> None:

@@ -156,7 +156,8 @@ class VAND(Method):
         """Σ over stages of focal(P, M) + dice(P_anomalous, M) (VAND's training objective)."""
         gt = (mask > 0.5).to(probs[0].dtype)
         gamma = float(self.hparams["focal_gamma"])
-        return sum(focal_loss(p, gt, gamma=gamma) + dice_loss(p[:, 1], gt) for p in probs)
+        return sum(focal_loss(p, gt, gamma=gamma, variant="smoothed") + dice_loss(p[:, 1], gt)
+                   for p in probs)
 
     # -- protocol ------------------------------------------------------------------------
     def fit(self, aux_loader, *, epochs: int | None = None, seed: int = 0, progress=iter) -> None:

@@ -1,8 +1,10 @@
 """The visual-adapter family: vand, afclip, afclip_plus (issue 8), and the mosaic augmentation.
 
 Pins: the tapped layers (and their proportional mapping), the aggregation weights (sum to
-one, r = 1 is the identity), the adapter's parameter count, the loss compositions, and that
-AF-CLIP+'s memory bank is drawn with the job's seed from normal training images only.
+one, r = 1 is the identity; the released zero-padded variant), the adapter's parameter count,
+the loss compositions (AF-CLIP: the released BCE focal, the 0.5-cell rule of its grid targets,
+the ``released_grad_bug`` switch), and that AF-CLIP+'s memory bank is drawn with the job's
+seed from normal training images only.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from methods.afclip import (
     aggregate,
     aggregation_kernel,
     gaussian_blur,
+    grid_targets,
     patch_alignment_loss,
+    released_target_overwrite,
 )
 from methods.augment import Mosaic
 from methods.base import _toy_batches
-from methods.losses import dice_loss, focal_loss
+from methods.losses import dice_loss, focal_loss, focal_loss_bce
 from methods.vand import VAND, scale_layers
 
 # -- tapped layers ---------------------------------------------------------------------------
@@ -97,6 +101,37 @@ def test_aggregation_r1_is_identity_and_class_token_is_kept():
     assert torch.allclose(aggregate(const, (4, 4), 5), const)  # weights sum to one
     with pytest.raises(ValueError):
         aggregation_kernel(2, 4.0)
+    with pytest.raises(ValueError, match="border"):
+        aggregate(tokens, (4, 4), 3, border="reflect")
+
+
+@pytest.mark.parametrize("r", [3, 5])
+def test_aggregation_zero_pad_is_the_released_fixed_kernel(r):
+    """``border="zero_pad"``: the released ``aggerate_neighbor`` — unfold over a zero-padded
+    grid, weights normalised over the whole window — restated here; it differs from the
+    suite's renormalised borders by a scale per token, invisible after a LayerNorm."""
+    torch.manual_seed(0)
+    h = w = 6
+    tokens = torch.randn(2, 1 + h * w, 5, dtype=torch.float64)
+    k = aggregation_kernel(r, 4.0)
+    k = (k / k.sum()).reshape(1, r * r, 1)
+    x = tokens[:, 1:].reshape(2, h, w, 5).permute(0, 3, 1, 2)
+    x = F.unfold(x, kernel_size=r, padding=r // 2)                      # [B, C*r*r, N]
+    x = x.permute(0, 2, 1).reshape(-1, 5, r * r).permute(0, 2, 1)       # [B*N, r*r, C]
+    want = torch.cat([tokens[:, :1], (x * k).sum(1).reshape(2, h * w, 5)], dim=1)
+    got = aggregate(tokens, (h, w), r, 4.0, border="zero_pad")
+    assert torch.allclose(got, want, atol=1e-12)
+    inner = aggregate(tokens, (h, w), r, 4.0)
+    interior = [(i * w + j) + 1 for i in range(r // 2, h - r // 2) for j in range(r // 2, w - r // 2)]
+    assert torch.allclose(got[:, interior], inner[:, interior], atol=1e-12)
+    assert not torch.allclose(got[:, 1], inner[:, 1])                  # a corner shrinks
+    # ... by a positive scale per token, which the adapter's LayerNorm and cosines remove
+    ratio = got[:, 1:] / inner[:, 1:]
+    assert torch.allclose(ratio, ratio[..., :1].expand_as(ratio)) and (ratio > 0).all()
+    adapter = AttentionAdapter(5, 2, 4).double()
+    with torch.no_grad():
+        assert torch.allclose(adapter(got), adapter(inner), atol=1e-4)
+    assert torch.allclose(F.normalize(got, dim=-1), F.normalize(inner, dim=-1), atol=1e-12)
 
 
 # -- adapter -------------------------------------------------------------------------------------
@@ -166,9 +201,66 @@ def test_patch_alignment_loss_is_eq14():
     assert patch_alignment_loss([z], torch.ones(3, 20)) == 0
 
 
+def test_patch_alignment_loss_leaves_half_cells_out():
+    """Cells of 0.5 are in no pair, as in the released code: with labels 0 -> -1, 0.5, 1 its
+    pair mask is the outer product, N-A pairs where it is -1 and same-kind pairs where it is 1."""
+    torch.manual_seed(0)
+    mask = torch.zeros(2, 12, dtype=torch.float64)
+    mask[0, :3] = 1
+    mask[0, 3:5] = 0.5
+    mask[1, 6] = 0.5
+    v = torch.randn(8, dtype=torch.float64)
+    noise = torch.randn(2, 12, 8, dtype=torch.float64)
+    # anomalous features closer to the common direction than normal ones: the hinge is active;
+    # the 0.5 cells point away, so counting them anywhere would move both means
+    scale = torch.where(mask == 1, 0.1, 1.0)[..., None]
+    z = torch.where((mask == 0.5)[..., None], -v, v + scale * noise)
+    zs = [z, z + 0.3 * torch.randn_like(z)]
+    labels = torch.where(mask == 0, -torch.ones_like(mask), mask)
+    pair = labels[:, :, None] * labels[:, None, :]
+    want = 0
+    for feats in zs:
+        zn = F.normalize(feats, dim=-1)
+        sim = zn @ zn.transpose(1, 2)
+        want = want + F.relu(sim[pair == -1].mean() - sim[pair == 1].mean())
+    got = patch_alignment_loss(zs, mask)
+    assert got > 1e-3
+    assert torch.allclose(got, want / 2)
+    assert not torch.allclose(got, patch_alignment_loss(zs, (mask > 0.5).double()))
+
+
+def test_grid_targets_keep_half_at_a_mid_patch_edge():
+    """The released rule: bilinear to the grid, < 0.5 -> 0, > 0.5 -> 1, exactly 0.5 kept."""
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :, 12:] = 1          # an edge in the middle of grid column 1 (pixels 8..15)
+    mask[:, 40:, :] = 1          # an edge on a patch border (row 5 starts at pixel 40)
+    gt = grid_targets(mask, (8, 8))
+    bilinear = F.interpolate(mask[:, None], size=(8, 8), mode="bilinear", align_corners=False)[0, 0]
+    assert bilinear[0, 1] == 0.5                            # pixels 11 and 12, weights 1/2
+    assert gt[0, 0, 1] == 0.5 and gt[0, 4, 1] == 0.5        # kept (the suite used to zero it)
+    assert (gt[0, :5, 0] == 0).all() and (gt[0, :5, 2:] == 1).all() and (gt[0, 5:] == 1).all()
+    assert set(gt.unique().tolist()) == {0.0, 0.5, 1.0}
+    assert torch.equal(gt, torch.where(bilinear < 0.5, 0.0, torch.where(bilinear > 0.5, 1.0,
+                                                                         bilinear))[None])
+    odd = torch.rand(1, 64, 64)
+    g = grid_targets(odd, (8, 8))
+    b = F.interpolate(odd[:, None], size=(8, 8), mode="bilinear", align_corners=False)[:, 0]
+    assert torch.equal(g, torch.where(b < 0.5, 0.0, torch.where(b > 0.5, 1.0, b)))
+
+
+def _bce_focal_by_hand(p: torch.Tensor, y: torch.Tensor, gamma: float = 4.0) -> torch.Tensor:
+    """AF-CLIP's main.py focal_loss: BCE(p, y) (1 - p_t)^gamma, p_t = p y + (1 - p)(1 - y)."""
+    bce = -(y * p.clamp_min(1e-44).log().clamp_min(-100)
+            + (1 - y) * (1 - p).clamp_min(1e-44).log().clamp_min(-100))
+    p_t = p * y + (1 - p) * (1 - y)
+    return (bce * (1 - p_t) ** gamma).mean()
+
+
 def test_afclip_loss_composition(tiny_backbone):
     torch.manual_seed(0)
     batch = _toy_batches(tiny_backbone.image_size, n_batches=1, batch_size=4)[0]
+    batch["mask"][1, :, :] = 0
+    batch["mask"][1, 20:44, 12:36] = 1       # edges at mid-patch (pixel 4 of 8): 0.5 cells
     m = AFCLIP(tiny_backbone)
     parts = m.losses(batch)
     assert torch.allclose(parts["total"], parts["cls"] + parts["seg"] + parts["pal"])
@@ -176,10 +268,10 @@ def test_afclip_loss_composition(tiny_backbone):
     with torch.no_grad():
         p_cls, p_map, _, z, grid = m.zero_shot(batch["image"])
         gt = F.interpolate(batch["mask"][:, None], size=grid, mode="bilinear")[:, 0]
-        gt = (gt > 0.5).float()
-        cls = focal_loss(torch.stack([1 - p_cls, p_cls], 1), batch["label"].float(), gamma=4.0)
-        seg = (focal_loss(torch.stack([1 - p_map, p_map], 1), gt, gamma=4.0)
-               + (p_map - gt).abs().mean())
+        gt = torch.where(gt < 0.5, 0.0, torch.where(gt > 0.5, 1.0, gt))   # 0.5 kept
+        assert (gt == 0.5).sum() > 0
+        cls = _bce_focal_by_hand(p_cls, batch["label"].float())
+        seg = _bce_focal_by_hand(p_map, gt) + (p_map - gt).abs().mean()
         pal = patch_alignment_loss([t[:, 1:] for t in z], gt.flatten(1))
     assert torch.allclose(parts["cls"], cls) and torch.allclose(parts["seg"], seg)
     assert torch.allclose(parts["pal"], pal)
@@ -188,10 +280,66 @@ def test_afclip_loss_composition(tiny_backbone):
     m2.head.load_state_dict(m.head.state_dict())
     p2 = m2.losses(batch)
     assert torch.allclose(p2["total"], p2["cls"] + 0.5 * p2["seg"] + 3.0 * p2["pal"])
+    # the label-smoothed focal of AnomalyCLIP stays available (the suite's former loss)
+    m3 = AFCLIP(tiny_backbone, focal_variant="smoothed")
+    m3.head.load_state_dict(m.head.state_dict())
+    with torch.no_grad():
+        want = focal_loss(torch.stack([1 - p_cls, p_cls], 1), batch["label"].float(), gamma=4.0)
+        assert torch.allclose(m3.losses(batch)["cls"], want)
+    with pytest.raises(ValueError, match="focal_variant"):
+        AFCLIP(tiny_backbone, focal_variant="plain")
     # every learnable tensor receives a gradient (adapter and prompts)
     m.head.zero_grad()
     parts["total"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.head.parameters())
+
+
+def test_released_target_overwrite_gives_the_released_focal_gradient():
+    """The mechanism of the released bug on the focal alone: the value is unchanged, backward
+    differentiates BCE and p*y with y' = -1 at y = 0 while (1 - y), (1 - p_t)^gamma and the
+    BCE value keep the forward y:
+        dL/dp = [ w (p - y') / (p (1 - p)) - ce * gamma (1 - p_t)^(gamma-1) (y' - (1 - y)) ] / n
+    """
+    torch.manual_seed(0)
+    p = torch.rand(3, 4, 4, dtype=torch.float64).clamp(0.05, 0.95).requires_grad_()
+    y = (torch.rand(3, 4, 4, dtype=torch.float64) > 0.6).double()
+    y[0, 0, 0] = 0.5
+    clean = focal_loss_bce(p, y.clone())
+    (g_clean,) = torch.autograd.grad(clean, p)
+    target = y.clone()
+    loss = focal_loss_bce(p, target)
+    released_target_overwrite(target)
+    assert torch.equal(target, torch.where(y == 0, -1.0, y))       # the released new_gts
+    assert loss.item() == clean.item()
+    (g_bug,) = torch.autograd.grad(loss, p)
+    pd = p.detach()
+    y2 = torch.where(y == 0, -1.0, y)
+    ce = -(y * pd.log() + (1 - y) * (1 - pd).log())
+    p_t = pd * y + (1 - pd) * (1 - y)
+    w = (1 - p_t) ** 4
+    want = (w * (pd - y2) / (pd * (1 - pd)) - ce * 4 * (1 - p_t) ** 3 * (y2 - (1 - y))) / p.numel()
+    assert torch.allclose(g_bug, want, atol=1e-12)
+    assert torch.allclose(g_clean[y != 0], g_bug[y != 0])            # anomalous and 0.5 cells
+    assert not torch.allclose(g_clean[y == 0], g_bug[y == 0])
+
+
+def test_afclip_released_grad_bug_switch(tiny_backbone):
+    """Same loss values either way; on, the released gradient (target -1 at normal cells)."""
+    torch.manual_seed(0)
+    batch = _toy_batches(tiny_backbone.image_size, n_batches=1, batch_size=4)[0]
+    grads, values = {}, {}
+    for bug in (False, True):
+        m = AFCLIP(tiny_backbone, released_grad_bug=bug)
+        torch.manual_seed(1)
+        m.head.load_state_dict(AFCLIP(tiny_backbone).head.state_dict())
+        parts = m.losses(batch)
+        values[bug] = {k: v.item() for k, v in parts.items()}
+        parts["total"].backward()
+        grads[bug] = torch.cat([p.grad.flatten() for p in m.head.parameters()])
+    assert values[False] == values[True]
+    assert not torch.allclose(grads[False], grads[True])
+    r = torch.corrcoef(torch.stack([grads[False], grads[True]]))[0, 1]
+    assert 0.5 < r < 0.99999
 
 
 def test_vand_loss_is_focal_plus_dice_per_stage(tiny_backbone):
