@@ -32,13 +32,23 @@ from bench import manifest as mf
 from bench import metrics
 from bench import protocol as protocol_mod
 from bench.backbone import ClipBackbone, load_clip
-from bench.data import DEFAULT_MASK_THRESHOLD, MASK_RESIZES, ManifestDataset, collate, make_loader
+from bench.data import (
+    DEFAULT_MASK_THRESHOLD,
+    MASK_RESIZES,
+    DeviceLoader,
+    ManifestDataset,
+    collate,
+    make_loader,
+    to_device,
+)
 from bench.feature_cache import CACHE_DTYPES, FeatureCache
 from bench.registry import ADAPTERS, METHODS, create_method, get_adapter
 from bench.results import ResultStore, environment, state_digest
 
 log = logging.getLogger("zsad_bench")
 GALLERY_SIZE = 96  # pixels of the maps kept for the report's gallery
+#: ``[run] precision`` values -> autocast dtype (None: no autocast)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class RunError(RuntimeError):
@@ -266,6 +276,7 @@ class Runner:
             "protocol": self.proto.name, "protocol_hash": digest,
             "protocol_source": self.proto.source, "backbone": self.proto.backbone.__dict__,
             "inputs": {m: self.proto.inputs_for(m) for m in self.proto.methods},
+            "precision": str(self.proto.run.get("precision", "fp32")),
             "seeds": self.proto.seeds, "environment": environment(),
         })
         if prov.get("protocol_hash") != digest:  # another process created it meanwhile
@@ -282,6 +293,31 @@ class Runner:
             raise RunError(f"{self.proto.source}: [run] mask_resize must be one of "
                            f"{', '.join(MASK_RESIZES)}, not {rule!r}")
         return rule
+
+    def loader_options(self, device: torch.device | str) -> dict[str, Any]:
+        """``[run] loader_workers`` (decode/resize in worker processes) and pinned memory.
+
+        Default: on a GPU, ``min(8, CPU cores)`` workers and pinned memory, so that decoding
+        518-px images does not starve the device; on a CPU, 0 (the cores compute the model).
+        Loading is deterministic either way (same order, same tensors).
+        """
+        cuda = torch.device(device).type == "cuda"
+        default = min(8, os.cpu_count() or 1) if cuda else 0
+        workers = int(self.proto.run.get("loader_workers", default))
+        return {"num_workers": max(0, workers), "pin_memory": cuda}
+
+    def autocast(self, device: torch.device | str):
+        """``[run] precision``: "fp32" (default: the papers' numbers are fp32 unless a paper
+        says otherwise) or "bf16"/"fp16" mixed precision (torch.autocast)."""
+        import contextlib
+
+        precision = str(self.proto.run.get("precision", "fp32"))
+        if precision not in PRECISIONS:
+            raise RunError(f"{self.proto.source}: [run] precision must be one of "
+                           f"{', '.join(PRECISIONS)}, not {precision!r}")
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(device).type, dtype=PRECISIONS[precision])
 
     def backbone(self, method: str) -> ClipBackbone:
         spec = self.proto.backbone_for(method)
@@ -434,11 +470,13 @@ class Runner:
         # the protocol's [hparams], else the paper's (the class default), else [run]'s
         bs = int(hp.get("batch_size", cls.default_hparams.get(
             "batch_size", self.proto.run.get("train_batch_size", 8))))
-        loader = make_loader(ds, batch_size=bs, shuffle=True, seed=job.seed)
+        loader = DeviceLoader(make_loader(ds, batch_size=bs, shuffle=True, seed=job.seed,
+                                          **self.loader_options(bb.device)), bb.device)
         seed_everything(job.seed)
         t0 = time.perf_counter()
-        method.fit(loader, epochs=hp.get("epochs", cls.default_hparams.get("epochs")), seed=job.seed,
-                   progress=_progress(self.progress))
+        with self.autocast(bb.device):
+            method.fit(loader, epochs=hp.get("epochs", cls.default_hparams.get("epochs")),
+                       seed=job.seed, progress=_progress(self.progress))
         digest = self.store.save_checkpoint(self.checkpoint_id(job), method.state_dict())
         self.store.write_job_provenance(self.checkpoint_id(job), {"checkpoints": {
             self.checkpoint_id(job): {
@@ -493,11 +531,12 @@ class Runner:
                 ds_support = target.torch_dataset(support, bb.image_size, words, self.mask_resize)
                 method.set_support(collate([ds_support[i] for i in range(len(ds_support))]))
             ds = target.torch_dataset(rows, bb.image_size, words, self.mask_resize)
-            loader = make_loader(ds, batch_size=bs, shuffle=False)
+            loader = make_loader(ds, batch_size=bs, shuffle=False, **self.loader_options(bb.device))
             scores, maps, labels, masks = [], [], [], []
             it = _progress(self.progress)(loader, desc=f"{job.method} {target.name}/{category}")
             for batch in it:
-                pred = method.predict(batch).detach()
+                with self.autocast(bb.device):
+                    pred = method.predict(to_device(batch, bb.device)).detach()
                 scores.append(pred.image_scores.numpy())
                 maps.append(pred.anomaly_maps.numpy().astype(np.float32))
                 labels.append(batch["label"].numpy())
