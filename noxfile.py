@@ -16,6 +16,7 @@ environment, create and activate a venv first, then run nox inside it.
 
 from __future__ import annotations
 
+import os
 from importlib import metadata
 
 import nox
@@ -52,8 +53,11 @@ def lint(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     """Every registered method on the embedded demo data (5 seeds), its cost table, the report."""
     _ensure_installed(session)
+    args = list(session.posargs)
+    if "--workers" not in args:  # one single-threaded worker per core (2 on the CI machine)
+        args += ["--workers", str(max(1, min(4, os.cpu_count() or 1)))]
     session.run("python", "-m", "bench", "run", "--protocol", "demo", "--data-root", "data",
-                "--results", DEMO_RESULTS, *session.posargs, external=True)
+                "--results", DEMO_RESULTS, *args, external=True)
     session.run("python", "-m", "bench", "profile", "--protocol", "demo", "--device", "cpu",
                 "--results", DEMO_RESULTS, external=True)
     session.run("python", "-m", "bench", "report", DEMO_RESULTS, "--out", SITE, external=True)
@@ -66,6 +70,8 @@ def full_benchmark(session: nox.Session) -> None:
     _ensure_installed(session)
     args = list(session.posargs) or ["--data-root", "data"]
     root = args[args.index("--data-root") + 1] if "--data-root" in args else "data"
+    session.run("python", "-m", "bench", "plan", "--protocol", "full", "--data-root", root,
+                "--results", "results/full", external=True)
     session.run("python", "-m", "bench", "check", "--protocol", "full", "--data-root", root,
                 external=True)
     session.run("python", "-m", "bench", "run", "--protocol", "full", "--results", "results/full",

@@ -45,6 +45,8 @@ class WorkerSpec:
     progress: bool = False
     jobs: list[str] | None = None   # restrict to these job ids (a SLURM task: one job)
     poll: float = 1.0
+    bars: bool = True               # tqdm bars (off for parallel workers: lines per job)
+    tag: str = ""                   # prefix of the per-job lines
 
 
 def build_runner(spec: WorkerSpec):
@@ -53,7 +55,7 @@ def build_runner(spec: WorkerSpec):
 
     proto = prepare_protocol(spec.protocol, plugins=spec.plugins, methods=spec.methods)
     runner = Runner(proto, Path(spec.results), Path(spec.data_root), device=spec.device,
-                    progress=spec.progress)
+                    progress=spec.progress, bars=spec.bars, tag=spec.tag)
     jobs = expand(proto, spec.seeds)
     if spec.jobs is not None:
         wanted = set(spec.jobs)
@@ -96,7 +98,8 @@ class LocalExecutor:
             device = self.devices[i % len(self.devices)] if self.devices else spec.device
             threads = spec.threads or (max(1, cores // self.workers) if self.workers > 1 else None)
             out.append(WorkerSpec(**{**asdict(spec), "device": device, "threads": threads,
-                                     "progress": spec.progress and self.workers == 1}))
+                                     "bars": self.workers == 1,
+                                     "tag": f"[worker {i + 1}/{self.workers}] " if self.workers > 1 else ""}))
         return out
 
     def run(self, spec: WorkerSpec) -> dict[str, int]:
@@ -104,11 +107,12 @@ class LocalExecutor:
         if self.workers == 1:
             return work(specs[0])
         import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
         ctx = mp.get_context("spawn")  # fresh interpreters: no inherited torch thread pools
-        with ctx.Pool(self.workers) as pool:
-            results = [pool.apply_async(_work_in_subprocess, (s, i)) for i, s in enumerate(specs)]
-            summaries = [r.get() for r in results]
+        with ProcessPoolExecutor(self.workers, mp_context=ctx) as pool:
+            futures = [pool.submit(_work_in_subprocess, s, i + 1) for i, s in enumerate(specs)]
+            summaries = [f.result() for f in futures]
         total = {"jobs": summaries[0]["jobs"], "skipped": min(s["skipped"] for s in summaries),
                  "ran": sum(s["ran"] for s in summaries),
                  "records": sum(s["records"] for s in summaries), "workers": self.workers}

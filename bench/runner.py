@@ -254,6 +254,10 @@ class Runner:
     data_root: Path
     device: str = "cpu"
     progress: bool = True
+    #: progress bars on a terminal (off for parallel workers: one line per finished job instead)
+    bars: bool = True
+    #: prefix of the per-job lines (a worker's number)
+    tag: str = ""
     store: ResultStore = field(init=False)
     _backbones: dict[str, ClipBackbone] = field(default_factory=dict, init=False)
     _fingerprints: dict[str, str] = field(default_factory=dict, init=False)
@@ -397,7 +401,7 @@ class Runner:
         """
         todo = self.pending(jobs)
         skipped = len(jobs) - len(todo)
-        bar = tqdm(total=len(todo), desc="jobs", disable=None if self.progress else True,
+        bar = tqdm(total=len(todo), desc="jobs", disable=None if self.progress and self.bars else True,
                    dynamic_ncols=True, file=sys.stderr)
         # without a terminal (CI logs) the bar is off: one line per finished job instead
         lines = self.progress and bar.disable
@@ -424,7 +428,7 @@ class Runner:
                 written += self.run_job(job)
                 ran += 1
             if lines:
-                print(f"[{finished + 1}/{len(jobs) - skipped}] {job.id} done in "
+                print(f"{self.tag}[{finished + 1}/{len(jobs) - skipped}] {job.id} done in "
                       f"{time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
         bar.close()
         self.store.merge()  # the merged records.jsonl view, complete once every job is done
@@ -476,7 +480,7 @@ class Runner:
         t0 = time.perf_counter()
         with self.autocast(bb.device):
             method.fit(loader, epochs=hp.get("epochs", cls.default_hparams.get("epochs")),
-                       seed=job.seed, progress=_progress(self.progress))
+                       seed=job.seed, progress=_progress(self.progress and self.bars))
         digest = self.store.save_checkpoint(self.checkpoint_id(job), method.state_dict())
         self.store.write_job_provenance(self.checkpoint_id(job), {"checkpoints": {
             self.checkpoint_id(job): {
@@ -533,7 +537,7 @@ class Runner:
             ds = target.torch_dataset(rows, bb.image_size, words, self.mask_resize)
             loader = make_loader(ds, batch_size=bs, shuffle=False, **self.loader_options(bb.device))
             scores, maps, labels, masks = [], [], [], []
-            it = _progress(self.progress)(loader, desc=f"{job.method} {target.name}/{category}")
+            it = _progress(self.progress and self.bars)(loader, desc=f"{job.method} {target.name}/{category}")
             for batch in it:
                 with self.autocast(bb.device):
                     pred = method.predict(to_device(batch, bb.device)).detach()

@@ -152,3 +152,17 @@ def test_old_single_file_store_is_converted(tmp_path: Path):
     store = ResultStore(run)
     assert set(store.done_units()) == {"u1"} and not (run / "units.jsonl").exists()
     assert [r["unit"] for r in results.read_records(run)] == ["u1"]
+
+
+def test_workers_option_equals_one_process(tmp_path: Path, data: Path):
+    proto = write_protocol(tmp_path / "p.toml", methods='["clip", "patch_probe"]', seeds="[0, 1]")
+    one = _start(tmp_path, proto, data, tmp_path / "one")
+    out1, err1 = one.communicate(timeout=900)
+    assert one.returncode == 0, err1
+    two = _start(tmp_path, proto, data, tmp_path / "two", "--workers", "2")
+    out2, err2 = two.communicate(timeout=900)
+    assert two.returncode == 0, err2
+    assert _values(tmp_path / "two") == _values(tmp_path / "one")
+    workers = {e["worker"] for e in _log_events(tmp_path / "two") if e["event"] == "done"}
+    assert len(workers) == 2                       # both workers did some of the work
+    assert "3 job(s) run, 0 already complete" in out2
