@@ -133,7 +133,7 @@ def test_malformed_protocols(tmp_path: Path, body: str, match: str):
 
 
 def test_unknown_protocol_name():
-    with pytest.raises(protocol.ProtocolError, match="Built-in: demo, full"):
+    with pytest.raises(protocol.ProtocolError, match="Built-in: adaclip_paper, demo, full, full_uniform"):
         protocol.load("nope")
 
 
