@@ -64,6 +64,9 @@ else:  # pragma: no cover
 
 PROTOCOL_DIR = Path(__file__).parent / "protocols"
 TOY_PRETRAINED = "zsad-toy"
+#: ``[run]`` keys that do not change a job's numbers (resources, scheduling): not in the digest
+RUN_KEYS_NOT_HASHED = ("slurm", "claim_stale_minutes", "loader_workers", "feature_cache_dir",
+                       "feature_cache_gb")
 #: ``class_words`` values: the adapter's readable prompt name, or the dataset's folder id verbatim.
 CLASS_WORDS = ("readable", "folder")
 #: The settings a method's released code fixes and a protocol may override (see module docstring).
@@ -183,6 +186,8 @@ class Protocol:
             d.pop(key)
         d["datasets"] = {k: {kk: vv for kk, vv in v.items() if kk != "root"}
                          for k, v in self.datasets.items()}
+        # where and how fast a run goes does not change its numbers
+        d["run"] = {k: v for k, v in d["run"].items() if k not in RUN_KEYS_NOT_HASHED}
         # input settings (issue 14) enter the hash only where set: older protocols keep theirs
         for spec in (d["backbone"], *d["backbones"].values()):
             for key in ("activation", "pos_embed_resize"):

@@ -155,3 +155,15 @@ def test_per_transfer_hparams(tmp_path: Path):
     full = protocol.validate(protocol.load("full"), methods=METHODS.names(), datasets=ADAPTERS.names())
     assert full.hparams_for("vand", "visa")["epochs"] == 15
     assert "epochs" not in full.hparams_for("vand", "mvtec")
+
+
+def test_digest_ignores_resources_and_scheduling(tmp_path: Path):
+    a = protocol.load(write_protocol(tmp_path / "a.toml"))
+    text = (tmp_path / "a.toml").read_text().replace(
+        "[run]\n", "[run]\nloader_workers = 4\nclaim_stale_minutes = 30\n")
+    text += '\n[run.slurm]\npartition = "gpu"\ngpus = 1\n'
+    (tmp_path / "b.toml").write_text(text)
+    b = protocol.load(tmp_path / "b.toml")
+    assert b.run["slurm"]["partition"] == "gpu" and a.digest() == b.digest()
+    (tmp_path / "c.toml").write_text(text.replace("[run]\n", '[run]\nprecision = "bf16"\n'))
+    assert protocol.load(tmp_path / "c.toml").digest() != a.digest()   # numbers may change
