@@ -547,6 +547,9 @@ class Runner:
                 masks.append(batch["mask"].numpy() > 0.5)
             s, m = np.concatenate(scores), np.concatenate(maps)
             lab, gt = np.concatenate(labels), np.concatenate(masks)
+            finalize = getattr(method, "finalize_category", None)
+            if finalize is not None:  # a per-category scoring rule (e.g. AA-CLIP's fusion)
+                s, m = finalize(s, m, domain=str(getattr(adapter, "domain", "industrial")))
             values = metrics.category_metrics(lab, s, gt if pixel_level else None,
                                               m if pixel_level else None,
                                               image_level=image_level, pixel_level=pixel_level)

@@ -68,6 +68,10 @@ class Method:
       calls :meth:`set_support` before predicting that category (k from the protocol's
       ``[few_shot]`` table; records carry ``shots = k``);
     * ``default_hparams`` — the paper's settings; the protocol may override any of them.
+    * ``finalize_category(scores, maps, *, domain)`` (optional method) — a scoring rule that
+      needs a whole category's test images at once (AA-CLIP's per-category min-max fusion):
+      the runner calls it with the category's image scores [N] and maps [N, S, S] (NumPy)
+      after predicting them and computes the metrics on what it returns.
     * ``released_inputs`` — what the authors' released code feeds the method where it differs
       from the suite's defaults: ``pos_embed_resize`` (``"open_clip"`` | ``"bilinear"``),
       ``class_words`` (``"readable"`` | ``"folder"``), ``activation``. A protocol that sets

@@ -22,6 +22,8 @@
   tokenclip, tokenclip_van, mpa, mpama    smoothed   2      AnomalyCLIP's loss (their papers' Eq.;
                                                             released code not compared)
   afclip (afclip_plus shares its state)   bce        4      AF-CLIP ``main.py`` ``focal_loss``
+  adaclip                                 smoothed   2      AdaCLIP ``loss.py`` ``FocalLoss``
+  aaclip                                  smoothed   2      AA-CLIP (AnomalyCLIP's ``FocalLoss``)
   ======================================  =========  =====  ======================================
 
   :data:`FOCAL_VARIANTS` holds that table; ``focal_loss``'s default stays ``"smoothed"`` (the
@@ -49,7 +51,7 @@ import torch.nn.functional as F
 FOCAL_VARIANTS: dict[str, str] = {
     "anomalyclip": "smoothed", "vand": "smoothed", "tokenclip": "smoothed",
     "tokenclip_van": "smoothed", "mpa": "smoothed", "mpama": "smoothed",
-    "afclip": "bce", "afclip_plus": "bce",
+    "afclip": "bce", "afclip_plus": "bce", "adaclip": "smoothed", "aaclip": "smoothed",
 }
 
 
