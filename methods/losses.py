@@ -24,6 +24,7 @@
   afclip (afclip_plus shares its state)   bce        4      AF-CLIP ``main.py`` ``focal_loss``
   adaclip                                 smoothed   2      AdaCLIP ``loss.py`` ``FocalLoss``
   aaclip                                  smoothed   2      AA-CLIP (AnomalyCLIP's ``FocalLoss``)
+  faprompt (maps)                         smoothed   2      FAPrompt ``loss.py`` ``FocalLoss``
   ======================================  =========  =====  ======================================
 
   :data:`FOCAL_VARIANTS` holds that table; ``focal_loss``'s default stays ``"smoothed"`` (the
@@ -52,6 +53,7 @@ FOCAL_VARIANTS: dict[str, str] = {
     "anomalyclip": "smoothed", "vand": "smoothed", "tokenclip": "smoothed",
     "tokenclip_van": "smoothed", "mpa": "smoothed", "mpama": "smoothed",
     "afclip": "bce", "afclip_plus": "bce", "adaclip": "smoothed", "aaclip": "smoothed",
+    "faprompt": "smoothed",
 }
 
 
