@@ -87,7 +87,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import os
 import sys
 import types
@@ -97,6 +96,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
+from tests.released_code import NARROW_VITL_336, random_native_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -166,12 +167,7 @@ except Exception as err:  # noqa: BLE001 - any import failure means "not availab
 ATOL = 1e-4
 GRAD_RTOL = 1e-4
 ARCH = "zsad-afclip-narrow-test"
-NARROW_CONFIG = {  # ViT-L-14-336.json's structure: real depths and patch, narrow widths
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 336, "layers": 24, "width": 128, "patch_size": 14},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2,
-                 "layers": 12},
-}
+NARROW_CONFIG = NARROW_VITL_336  # real depths and patch, narrow widths
 IMAGE_SIZE = 224
 PATCH = 14
 LR = 1e-4
@@ -202,24 +198,8 @@ def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Random weights at the native 336 px, as an OpenAI/open_clip-format state dict file."""
-    import open_clip
-
     tmp = tmp_path_factory.mktemp("released_afclip")
-    cfg = tmp / f"{ARCH}.json"
-    cfg.write_text(json.dumps(NARROW_CONFIG))
-    open_clip.add_model_config(cfg)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = open_clip.create_model(ARCH, pretrained=None, force_quick_gelu=True)
-    state = model.state_dict()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # LayerNorms and biases are 1 / 0 at init: make them count
-        for name, t in state.items():
-            if ".ln_" in name or name.startswith("ln_") or name.endswith(".bias"):
-                t.add_(0.1 * torch.randn(t.shape, generator=g))
-    path = tmp / "random_native336.pt"
-    torch.save(state, path)
-    return path
+    return random_native_checkpoint(tmp, ARCH, NARROW_CONFIG)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,48 @@
+"""Shared pieces of the opt-in equivalence tests against the authors' released code.
+
+``random_native_checkpoint`` writes the random weights both sides load: a CLIP of the
+architecture's real depths and patch size (a narrow config unless the real size is asked
+for), drawn at its native size with LayerNorm parameters and biases perturbed (at their init
+values 1 / 0 they would hide mistakes), saved as an OpenAI/open_clip-format state dict.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: ViT-L-14-336.json's structure with the real depths (24 visual, 12 text blocks) and patch
+#: size (14) at the native 336 px, but narrow widths (heads of 64, like OpenAI's).
+NARROW_VITL_336: dict[str, Any] = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 336, "layers": 24, "width": 128, "patch_size": 14},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2,
+                 "layers": 12},
+}
+
+
+def random_native_checkpoint(directory: Path, arch: str,
+                             narrow_config: dict[str, Any] | None = None) -> Path:
+    """Random QuickGELU weights of ``arch`` (registered from ``narrow_config`` if given) at
+    its native size, perturbed, saved to ``directory/random_native.pt``."""
+    import open_clip
+
+    if narrow_config is not None:
+        cfg = directory / f"{arch}.json"
+        cfg.write_text(json.dumps(narrow_config))
+        open_clip.add_model_config(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=True)
+    state = model.state_dict()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # LayerNorms and biases are 1 / 0 at init: make them count
+        for name, t in state.items():
+            if ".ln_" in name or name.startswith("ln_") or name.endswith(".bias"):
+                t.add_(0.1 * torch.randn(t.shape, generator=g))
+    path = directory / "random_native.pt"
+    torch.save(state, path)
+    return path
