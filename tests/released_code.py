@@ -8,7 +8,12 @@ values 1 / 0 they would hide mistakes), saved as an OpenAI/open_clip-format stat
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
+import sys
+import types
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +27,48 @@ NARROW_VITL_336: dict[str, Any] = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2,
                  "layers": 12},
 }
+
+
+def pkg_resources_stub() -> dict[str, types.ModuleType]:
+    """``{"pkg_resources": stub}`` where setuptools >= 81 no longer ships it (the released
+    codes import ``pkg_resources.packaging`` and never use it), else ``{}``."""
+    if importlib.util.find_spec("pkg_resources") is not None:
+        return {}
+    import packaging.version
+
+    stub = types.ModuleType("pkg_resources")
+    stub.packaging = packaging
+    return {"pkg_resources": stub}
+
+
+@contextlib.contextmanager
+def isolated_import(src: Path, owned: Sequence[str],
+                    stubs: dict[str, types.ModuleType] | None = None) -> Iterator[None]:
+    """Import a released checkout's modules without leaking them into other tests.
+
+    Inside the block ``src`` is first on ``sys.path``, the ``stubs`` stand in for missing
+    import-only dependencies, and modules whose top-level name is in ``owned`` (or a stub's)
+    are set aside; afterwards every such module is removed and the ones set aside come back.
+    """
+    stubs = dict(stubs or {})
+    names = (*owned, *stubs)
+
+    def is_owned(name: str) -> bool:
+        return name.split(".")[0] in names
+
+    saved = {n: m for n, m in sys.modules.items() if is_owned(n)}
+    saved_path = list(sys.path)
+    for name in saved:
+        del sys.modules[name]
+    sys.modules.update(stubs)
+    sys.path.insert(0, str(src))
+    try:
+        yield
+    finally:
+        sys.path[:] = saved_path
+        for name in [n for n in sys.modules if is_owned(n)]:
+            del sys.modules[name]
+        sys.modules.update(saved)
 
 
 def random_native_checkpoint(directory: Path, arch: str,

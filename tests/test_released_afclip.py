@@ -97,7 +97,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.released_code import NARROW_VITL_336, random_native_checkpoint
+from tests.released_code import (
+    NARROW_VITL_336,
+    isolated_import,
+    pkg_resources_stub,
+    random_native_checkpoint,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -117,11 +122,7 @@ def _stub_modules() -> dict[str, types.ModuleType]:
              "util.utils": types.ModuleType("util.utils")}      # main.py:12
     stubs["util"].utils = stubs["util.utils"]
     stubs["util.utils"].eval_all_class = None
-    if importlib.util.find_spec("pkg_resources") is None:      # clip/clip.py:6
-        import packaging.version
-
-        stubs["pkg_resources"] = types.ModuleType("pkg_resources")
-        stubs["pkg_resources"].packaging = packaging
+    stubs.update(pkg_resources_stub())                           # clip/clip.py:6
     return stubs
 
 
@@ -130,30 +131,12 @@ def _import_released(src: Path) -> types.SimpleNamespace:
     ``sys.modules`` are restored (modules of the same names imported before come back)."""
     if not (src / "clip" / "model.py").is_file() or not (src / "main.py").is_file():
         raise ImportError(f"{src} has no clip/model.py and main.py")
-    stubs = _stub_modules()
-    owned = RELEASED_MODULES + tuple(stubs)
-
-    def is_owned(name: str) -> bool:
-        return name.split(".")[0] in owned
-
-    saved = {n: m for n, m in sys.modules.items() if is_owned(n)}
-    saved_path = list(sys.path)
-    for name in saved:
-        del sys.modules[name]
-    sys.modules.update(stubs)
-    sys.path.insert(0, str(src))
-    try:
+    with isolated_import(src, RELEASED_MODULES, _stub_modules()):
         spec = importlib.util.spec_from_file_location("_afclip_released_main", src / "main.py")
         main = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(main)
         return types.SimpleNamespace(main=main, model=sys.modules["clip.model"],
                                      clip=sys.modules["clip.clip"])
-    finally:
-        sys.path[:] = saved_path
-        for name in [n for n in sys.modules if is_owned(n)]:
-            del sys.modules[name]
-        sys.modules.update(saved)
-
 
 SRC = os.environ.get("AFCLIP_SRC")
 if not SRC:

@@ -75,7 +75,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import sys
 import types
 from pathlib import Path
 
@@ -83,7 +82,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.released_code import NARROW_VITL_336, random_native_checkpoint
+from tests.released_code import (
+    NARROW_VITL_336,
+    isolated_import,
+    pkg_resources_stub,
+    random_native_checkpoint,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -100,11 +104,7 @@ def _stub_modules() -> dict[str, types.ModuleType]:
     if importlib.util.find_spec("thop") is None:          # AnomalyCLIP.py:393, never called
         stubs["thop"] = types.ModuleType("thop")
         stubs["thop"].profile = None
-    if importlib.util.find_spec("pkg_resources") is None:  # model_load.py:6, prompt_ensemble.py:3
-        import packaging.version
-
-        stubs["pkg_resources"] = types.ModuleType("pkg_resources")
-        stubs["pkg_resources"].packaging = packaging
+    stubs.update(pkg_resources_stub())                     # model_load.py:6, prompt_ensemble.py:3
     return stubs
 
 
@@ -114,31 +114,13 @@ def _import_released(src: Path) -> types.SimpleNamespace:
     and modules of those names imported before come back)."""
     if not (src / "AnomalyCLIP_lib" / "AnomalyCLIP.py").is_file():
         raise ImportError(f"{src} has no AnomalyCLIP_lib/AnomalyCLIP.py")
-    stubs = _stub_modules()
-    owned = RELEASED_MODULES + tuple(stubs)
-
-    def is_owned(name: str) -> bool:
-        return name.split(".")[0] in owned
-
-    saved = {n: m for n, m in sys.modules.items() if is_owned(n)}
-    saved_path = list(sys.path)
-    for name in saved:
-        del sys.modules[name]
-    sys.modules.update(stubs)
-    sys.path.insert(0, str(src))
-    try:
+    with isolated_import(src, RELEASED_MODULES, _stub_modules()):
         return types.SimpleNamespace(
             lib=importlib.import_module("AnomalyCLIP_lib"),
             build_model=importlib.import_module("AnomalyCLIP_lib.build_model").build_model,
             PromptLearner=importlib.import_module("prompt_ensemble").AnomalyCLIP_PromptLearner,
             loss=importlib.import_module("loss"),
         )
-    finally:
-        sys.path[:] = saved_path
-        for name in [n for n in sys.modules if is_owned(n)]:
-            del sys.modules[name]
-        sys.modules.update(saved)
-
 
 SRC = os.environ.get("ANOMALYCLIP_SRC")
 if not SRC:

@@ -136,6 +136,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.released_code import isolated_import, pkg_resources_stub
+
 pytestmark = pytest.mark.slow
 
 HOW_TO = ("set VAND_SRC to a checkout of the authors' code: `git clone "
@@ -173,10 +175,6 @@ CONFIGS = {"released": "gelu", "full": "quick_gelu"}
 _SHADOWED = ("open_clip", "model", "loss", "prompt_ensemble", "dataset")
 
 
-def _shadowed(name: str) -> bool:
-    return any(name == s or name.startswith(s + ".") for s in _SHADOWED)
-
-
 def _import_released(src: Path) -> types.SimpleNamespace:
     """Import the released modules without letting them replace the suite's ``open_clip``.
 
@@ -187,18 +185,7 @@ def _import_released(src: Path) -> types.SimpleNamespace:
     """
     if not (src / "open_clip" / "factory.py").is_file() or not (src / "model.py").is_file():
         raise FileNotFoundError(f"{src} is not a VAND-APRIL-GAN checkout")
-    saved = {n: m for n, m in sys.modules.items() if _shadowed(n)}
-    for n in saved:
-        del sys.modules[n]
-    stub = None
-    if importlib.util.find_spec("pkg_resources") is None:  # prompt_ensemble.py:3, unused
-        stub = types.ModuleType("pkg_resources")
-        with contextlib.suppress(ImportError):
-            import packaging
-            stub.packaging = packaging
-        sys.modules["pkg_resources"] = stub
-    sys.path.insert(0, str(src))
-    try:
+    with isolated_import(src, _SHADOWED, pkg_resources_stub()):  # prompt_ensemble.py:3
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # timm's deprecation notes, raised via the fork
             ns = types.SimpleNamespace(**{
@@ -209,14 +196,6 @@ def _import_released(src: Path) -> types.SimpleNamespace:
             if Path(mod.__file__).resolve().parent not in (src, src / "open_clip"):
                 raise ImportError(f"{mod.__name__} came from {mod.__file__}, not from {src}")
         return ns
-    finally:
-        sys.path.remove(str(src))
-        for n in [n for n in sys.modules if _shadowed(n)]:
-            del sys.modules[n]
-        sys.modules.update(saved)
-        if stub is not None and sys.modules.get("pkg_resources") is stub:
-            del sys.modules["pkg_resources"]
-
 
 try:
     REL = _import_released(Path(SRC).expanduser().resolve())
