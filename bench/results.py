@@ -132,6 +132,11 @@ class ResultStore:
         """Committed units -> their marker (``n_records``, ``seconds``, ``worker``, ``time``)."""
         return read_markers(self.dir)
 
+    def done_unit_names(self) -> set[str]:
+        """Names of the committed units: the marker files' names, none of them read (cheap
+        enough to poll on a shared file system while other workers run)."""
+        return {p.name[:-len(".json")] for p in (self.dir / "units").glob("*.json")}
+
     def is_done(self, unit: str) -> bool:
         return self._marker(unit).is_file()
 

@@ -387,7 +387,7 @@ class Runner:
 
     # -- running ---------------------------------------------------------------------
     def pending(self, jobs: list[Job]) -> list[Job]:
-        done = self.store.done_units()
+        done = self.store.done_unit_names()
         return [j for j in jobs if any(j.unit(t) not in done for t in j.targets)]
 
     def run(self, jobs: list[Job], *, poll: float = 1.0) -> dict[str, int]:
@@ -496,7 +496,7 @@ class Runner:
 
     def run_job(self, job: Job) -> int:
         """Train (or load) the job's method and evaluate every target not committed yet."""
-        done = self.store.done_units()
+        done = self.store.done_unit_names()
         self.store.log("start", job=job.id)
         method = self.trained_method(job)
         written = 0
