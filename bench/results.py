@@ -187,14 +187,14 @@ class ResultStore:
         path = self.dir / "claims" / f"{job_id}.json"
         info = {"job": job_id, "host": socket.gethostname(), "pid": os.getpid(),
                 "time": round(time.time(), 3), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
-        if _exclusive_create(path, json.dumps(info, sort_keys=True)):
+        if exclusive_create(path, json.dumps(info, sort_keys=True)):
             self.log("claim", job=job_id)
             return Claim(path, stale_after)
         holder = claim_holder(path, stale_after)
         if holder is None or holder.get("live"):
             return None
         lock = path.with_suffix(".takeover")
-        if not _exclusive_create(lock, self.worker_id):
+        if not exclusive_create(lock, self.worker_id):
             if time.time() - _mtime(lock, time.time()) > 60:  # a takeover that died midway
                 lock.unlink(missing_ok=True)
             return None
@@ -203,7 +203,7 @@ class ResultStore:
             if again is not None and (again.get("live") or again.get("time") != holder.get("time")):
                 return None
             path.unlink(missing_ok=True)
-            if not _exclusive_create(path, json.dumps(info, sort_keys=True)):
+            if not exclusive_create(path, json.dumps(info, sort_keys=True)):
                 return None
             self.log("takeover", job=job_id, previous=holder)
             return Claim(path, stale_after)
@@ -256,7 +256,7 @@ class ResultStore:
         they can check they run the same protocol version.
         """
         path = self.dir / "provenance.json"
-        _exclusive_create(path, json.dumps(info, indent=2, sort_keys=True, default=str))
+        exclusive_create(path, json.dumps(info, indent=2, sort_keys=True, default=str))
         for _ in range(100):  # the creator may still be writing it
             try:
                 return json.loads(path.read_text(encoding="utf-8"))
@@ -349,7 +349,7 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def _exclusive_create(path: Path, text: str) -> bool:
+def exclusive_create(path: Path, text: str) -> bool:
     """Create ``path`` with ``text`` iff it does not exist (``O_CREAT|O_EXCL``)."""
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -418,7 +418,7 @@ def _migrate_legacy(directory: Path) -> None:
     if not legacy.is_file():
         return
     lock = directory / "migrate.lock"
-    if not _exclusive_create(lock, socket.gethostname()):
+    if not exclusive_create(lock, socket.gethostname()):
         for _ in range(600):  # another process converts it: wait
             if not legacy.is_file():
                 return

@@ -43,7 +43,7 @@ from bench.data import (
 )
 from bench.feature_cache import CACHE_DTYPES, FeatureCache
 from bench.registry import ADAPTERS, METHODS, create_method, get_adapter
-from bench.results import ResultStore, environment, state_digest
+from bench.results import ResultStore, environment, exclusive_create, state_digest
 
 log = logging.getLogger("zsad_bench")
 GALLERY_SIZE = 96  # pixels of the maps kept for the report's gallery
@@ -204,20 +204,18 @@ class _exclusive:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + self.timeout
         while True:
-            try:
-                os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            if exclusive_create(self.path, ""):
                 return self
-            except FileExistsError:
-                try:
-                    age = time.time() - self.path.stat().st_mtime
-                except FileNotFoundError:
-                    continue
-                if age > self.timeout:  # left by a killed process
-                    self.path.unlink(missing_ok=True)
-                elif time.monotonic() > deadline:
-                    raise RunError(f"{self.path}: held for over {self.timeout:.0f}s; delete it if "
-                                   "no process is preparing that dataset") from None
-                time.sleep(0.2)
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if age > self.timeout:  # left by a killed process
+                self.path.unlink(missing_ok=True)
+            elif time.monotonic() > deadline:
+                raise RunError(f"{self.path}: held for over {self.timeout:.0f}s; delete it if "
+                               "no process is preparing that dataset")
+            time.sleep(0.2)
 
     def __exit__(self, *exc: Any) -> None:
         self.path.unlink(missing_ok=True)
