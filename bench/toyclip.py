@@ -6,7 +6,7 @@ initialised backbone carries almost no transferable signal. This module pre-trai
 own tokenizer) on a generated, captioned image corpus so that it learns a little
 vision-language alignment of *normal* and *damaged* states::
 
-    python -m bench.toyclip --out zsad-tiny-toy.pt          # ~10 min on 2 CPU cores
+    python -m bench.toyclip --out zsad-tiny-toy.pt          # ~14 min on 2 CPU cores
     python -m bench.toyclip --out /tmp/x.pt --eval          # + zero-shot figures on demo_target
 
 The checkpoint is an ordinary open_clip state dict (fp16) that
@@ -24,9 +24,13 @@ masks; captions name the object or texture, the colour and the state.
 Training (:func:`train`): CLIP's contrastive loss on (image, caption) pairs, where every
 clean image and its defective twin are in the same batch, plus state alignment with the
 two state prompts ("a photo of a flawless <object>." vs "a photo of a damaged <object>.")
-at image level (the projected class token) and at patch level (every last-layer patch
-token read out through ``ln_post`` + ``proj``, exactly as
-:meth:`bench.backbone.ClipBackbone.project_tokens` does; supervised by the masks).
+at image level (the projected class token), and, at patch level, the local state
+(supervised by the masks) of every last-layer patch token read out through ``ln_post`` +
+``proj`` (exactly as :meth:`bench.backbone.ClipBackbone.project_tokens` does) against
+two *free* state vectors, not against the prompts: as in OpenAI's CLIP, the patches carry
+the state but are not aligned with text, which is what trained ZSAD methods learn
+(recipe ``free-patches``, the default; ``aligned-patches`` is the earlier recipe that also
+aligned the patches with the prompts, :data:`RECIPES`).
 Object words are sometimes replaced by tokens the model has never seen, so that prompts
 about unseen objects still carry the state. Bit-reproducible on the same machine and
 software: fixed seeds, deterministic algorithms, a fixed thread count, and a checkpoint
@@ -70,9 +74,6 @@ ARCH = "zsad-tiny"
 IMAGE_SIZE = 64
 CHECKPOINT_NAME = "zsad-tiny-toy.pt"
 SHIPPED_CHECKPOINT = Path(__file__).parent / "data" / CHECKPOINT_NAME
-#: sha256 of the checkpoint that ``python -m bench.toyclip`` writes with the default
-#: settings on the reference machine (see docs/toy_clip.md).
-CHECKPOINT_SHA256: str | None = "f1549d7eca0826e3e4c43e9ba9800a92febeb698ed03cf57c94776a908d34446"
 
 # -- words ------------------------------------------------------------------------------
 
@@ -187,12 +188,14 @@ class TrainConfig:
     w_contrastive: float = 0.5
     w_image: float = 0.5
     w_rank: float = 0.0
-    w_patch: float = 1.0
-    w_pool: float = 2.0
-    # experiment, off by default: patch tokens supervised against two free state vectors
-    # (not the prompts), so that the local state is present but left unaligned with text
-    # (docs/methods.md, "The trained methods on the demo")
-    w_patch_free: float = 0.0
+    # The default recipe ("free-patches", docs/toy_clip.md): the patch tokens learn the
+    # local state against two free state vectors, never against the prompts, so that -
+    # as in OpenAI's CLIP - the local state is present in the patches but not aligned
+    # with text, and aligning it is left to the trained ZSAD methods. The class token
+    # stays aligned with the state prompts at the image level (w_image).
+    w_patch: float = 0.0  # patch tokens against the state prompts ("aligned-patches": 1)
+    w_pool: float = 0.0  # class token pulled to the pooled patch evidence ("aligned-patches": 2)
+    w_patch_free: float = 1.0  # patch tokens against free state vectors ("aligned-patches": 0)
     unknown_object_p: float = 0.35  # replace the object words by unseen tokens
     threads: int = 2
     photo_fraction: float = 0.7
@@ -200,6 +203,33 @@ class TrainConfig:
     mosaic_p: float = 0.0  # photo images made of two crops joined along a line
     recolour_p: float = 0.0  # duotone grey photos / hue-rotated colour photos
     natural_p: float = 0.0  # procedural images that are dead-leaves collages or 1/f clouds
+
+    @classmethod
+    def recipe(cls, name: str, **overrides) -> TrainConfig:
+        """The settings of a named recipe (:data:`RECIPES`), with ``overrides`` applied."""
+        if name not in RECIPES:
+            raise ValueError(f"unknown toy CLIP recipe {name!r}; choose one of {sorted(RECIPES)}")
+        return cls(**{**RECIPES[name], **overrides})
+
+
+#: Named training recipes (the fields they change from :class:`TrainConfig`'s defaults).
+#: ``free-patches`` is the default and the shipped checkpoint; ``aligned-patches`` is the
+#: recipe shipped before issue 15, whose patch tokens were trained against the very state
+#: prompts the ``clip`` method reads them with (kept for comparison, docs/toy_clip.md).
+RECIPES: dict[str, dict] = {
+    "free-patches": {},
+    "aligned-patches": {"w_patch": 1.0, "w_pool": 2.0, "w_patch_free": 0.0},
+}
+#: sha256 of the checkpoint each recipe writes on the reference machine (docs/toy_clip.md).
+RECIPE_SHA256: dict[str, str] = {
+    "free-patches": "291281e4a4abafde452653f43d66a934cf934cf8a46e2ada71d803cef8202bc6",
+    "aligned-patches": "f1549d7eca0826e3e4c43e9ba9800a92febeb698ed03cf57c94776a908d34446",
+}
+
+
+#: sha256 of the checkpoint that ``python -m bench.toyclip`` writes with the default
+#: settings on the reference machine - the shipped one (see docs/toy_clip.md).
+CHECKPOINT_SHA256: str | None = RECIPE_SHA256["free-patches"]
 
 
 # -- tokens ------------------------------------------------------------------------------
@@ -722,7 +752,7 @@ def _train(config: TrainConfig, *, log: Callable[[str], None], progress: bool, e
     text = _CompactText(model, known, gen)
     params = [p for p in model.parameters() if p.requires_grad] + [text.weight]
     free_states = None
-    if config.w_patch_free > 0:  # only then: the default run's RNG stream is unchanged
+    if config.w_patch_free > 0:  # only then: the aligned-patches recipe's RNG stream is as it was
         free_states = torch.nn.Parameter(0.02 * torch.randn(2, model.text_projection.shape[1],
                                                             generator=gen))
         params.append(free_states)
@@ -799,7 +829,7 @@ def _train(config: TrainConfig, *, log: Callable[[str], None], progress: bool, e
         w = pos_w / pos_w.sum().clamp(min=1) + (1 - pos_w) / (1 - pos_w).sum().clamp(min=1)
         l_patch = (F.binary_cross_entropy_with_logits(plog, ptarget, reduction="none") * w).sum() / 2
         l_free = torch.zeros(())
-        if free_states is not None:  # the experiment: free state vectors, also for pooling
+        if free_states is not None:  # free-patches: free state vectors, also the pooling target
             plog = _state_logits(patches, free_states[0].expand(b2, -1),
                                  free_states[1].expand(b2, -1), scale)
             l_free = (F.binary_cross_entropy_with_logits(plog, ptarget, reduction="none") * w).sum() / 2
@@ -1017,10 +1047,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--verify", action="store_true",
                    help="fail unless the written file has the recorded CHECKPOINT_SHA256")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="free-patches",
+                   help="named settings (default free-patches, the shipped checkpoint; "
+                        "aligned-patches trains the patch tokens against the state prompts, "
+                        "the recipe shipped before issue 15); the flags below override them")
     for f, v in asdict(TrainConfig()).items():
-        p.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
+        p.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=None,
+                       help=f"default {v} (or the recipe's)")
     args = p.parse_args(argv)
-    cfg = TrainConfig(**{f: getattr(args, f) for f in asdict(TrainConfig())})
+    cfg = TrainConfig.recipe(args.recipe, **{f: getattr(args, f) for f in asdict(TrainConfig())
+                                             if getattr(args, f) is not None})
     bb = train(cfg, progress=not args.no_progress, eval_every=args.eval_every)
     sha = save_checkpoint(state_dict_fp16(bb.model), args.out)
     size = args.out.stat().st_size
@@ -1033,14 +1069,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"zero-shot on demo_target, normal/abnormal pair: "
               f"{_fmt(evaluate(loaded, prompts=PAIR_PROMPTS))}")
     if args.verify:
-        if cfg != TrainConfig():
-            print("--verify compares against the default settings; non-default flags given",
+        if cfg != TrainConfig.recipe(args.recipe):
+            print(f"--verify compares against the {args.recipe} recipe's settings; "
+                  "other flags given", file=sys.stderr)
+            return 1
+        expected = RECIPE_SHA256[args.recipe]
+        if sha != expected:
+            print(f"sha256 {sha} differs from the recorded {expected} ({args.recipe})",
                   file=sys.stderr)
             return 1
-        if sha != CHECKPOINT_SHA256:
-            print(f"sha256 {sha} differs from the recorded {CHECKPOINT_SHA256}", file=sys.stderr)
-            return 1
-        print("sha256 matches the shipped checkpoint")
+        print(f"sha256 matches the recorded {args.recipe} checkpoint"
+              + (" (the shipped one)" if expected == CHECKPOINT_SHA256 else ""))
     return 0
 
 

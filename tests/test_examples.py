@@ -47,3 +47,38 @@ def test_mask_resize_example_reports_border_differences(capsys):
         assert 0 <= float(line[-5]) <= 100
         assert line[-4] == "nearest" and line[-2] == "bicubic"
         assert abs(float(line[-3])) < 5 and abs(float(line[-1])) < 5
+
+
+def _rec(method, seed, category, value, level="pixel", dataset="demo_target", **extra):
+    return {"method": method, "aux": "demo_aux", "seed": seed, "dataset": dataset,
+            "category": category, "level": level, "metric": "auroc", "value": value, **extra}
+
+
+def test_demo_vs_papers_means_over_categories_then_seeds():
+    cmp = _load("demo_vs_papers")
+    records = [_rec("vand", 0, "a", 0.6), _rec("vand", 0, "b", 0.8),   # seed 0: 70
+               _rec("vand", 1, "a", 0.9), _rec("vand", 1, "b", 0.9),   # seed 1: 90
+               _rec("vand", 2, "a", float("nan")),                     # undefined: skipped
+               _rec("vand", 0, "a", 0.1, level="image"),               # other level
+               _rec("vand", 0, "a", 0.1, shots=1),                     # few-shot
+               _rec("vand", 0, "a", 0.1, dataset="demo_aux")]          # other dataset
+    mean, std, n = cmp.demo_figures(records, "demo_target", "pixel")["vand"]
+    assert n == 2 and abs(mean - 80.0) < 1e-9 and abs(std - 10.0) < 1e-9
+
+
+def test_demo_vs_papers_rank_correlation_and_paper_sources():
+    cmp = _load("demo_vs_papers")
+    papers = cmp.paper_figures("VisA", "pixel")
+    # the method's own paper wins over copies; one source is named as is
+    assert papers["mpa"] == (95.8, "MPA/MPAMA (ICLR 2026 submission)")
+    assert papers["afclip"][1] == "AF-CLIP (ACM MM 2025)"
+    assert papers["clip"][0] == 22.3 and papers["winclip"][1].startswith("median of")
+    order = ["clip", "winclip", "vand", "afclip"]  # ascending paper figures: 22.3 < 79.6 < 94.2 < 96.2
+    same = [_rec(m, 0, "a", 0.5 + 0.1 * i) for i, m in enumerate(order)]
+    rows, rho, n = cmp.compare(same)
+    assert n == 4 and abs(rho - 1.0) < 1e-12 and rows[0]["method"] == "afclip"
+    reverse = [_rec(m, 0, "a", 0.9 - 0.1 * i) for i, m in enumerate(order)]
+    assert abs(cmp.compare(reverse)[1] + 1.0) < 1e-12
+    # a method without a paper figure is listed but not ranked
+    rows, _, n = cmp.compare(same + [_rec("tokenclip_van", 0, "a", 0.99)])
+    assert n == 4 and rows[0]["method"] == "tokenclip_van"
