@@ -11,7 +11,7 @@ environment, create and activate a venv first, then run nox inside it.
     nox -s perf             # pytest-benchmark cases (hot paths), figures for docs/performance.md
     nox -s full_benchmark -- --data-root /data   # checks data and weights first, then runs
     nox -s report -- RESULTS_DIR
-    nox -s pretrain_tiny    # retrain the demo's toy CLIP (bench/toyclip.py)
+    nox -s pretrain_tiny    # retrain the demo's toy CLIP (bench/demo/toyclip/)
 """
 
 from __future__ import annotations
@@ -101,4 +101,4 @@ def perf(session: nox.Session) -> None:
 def pretrain_tiny(session: nox.Session) -> None:
     """Retrain the toy CLIP of the demo from its seed (bit-reproducible)."""
     _ensure_installed(session)
-    session.run("python", "-m", "bench.toyclip", *session.posargs, external=True)
+    session.run("python", "-m", "bench.demo.toyclip", *session.posargs, external=True)

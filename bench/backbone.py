@@ -48,7 +48,8 @@ from torch import nn
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 CHECKPOINT_SUFFIXES = {".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz"}
-CONFIG_DIR = Path(__file__).parent / "model_configs"
+#: Folders of the project's own open_clip architecture configs (the demo's ``zsad-tiny``).
+CONFIG_DIRS: tuple[Path, ...] = (Path(__file__).parent / "demo" / "model_configs",)
 
 #: ``activation`` values: open_clip's QuickGELU (OpenAI's CLIP) and ``nn.GELU`` (LAION & co.).
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -75,7 +76,8 @@ class BackboneError(RuntimeError):
 @cache
 def register_model_configs() -> None:
     """Make the project's own architectures (``zsad-tiny``) known to open_clip."""
-    open_clip.add_model_config(CONFIG_DIR)
+    for config_dir in CONFIG_DIRS:
+        open_clip.add_model_config(config_dir)
 
 
 def is_checkpoint_path(pretrained: str | os.PathLike) -> bool:

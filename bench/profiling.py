@@ -460,7 +460,7 @@ def load_backbone(spec: Any, device: str, image_size: int | None = None) -> tupl
     pretrained, note = spec.pretrained, ""
     if pretrained == protocol_mod.TOY_PRETRAINED:
         try:
-            from bench.toyclip import checkpoint_path
+            from bench.demo.toyclip import checkpoint_path
 
             try:  # never spend minutes building the toy checkpoint just to time it
                 pretrained = str(checkpoint_path(build=False))

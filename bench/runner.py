@@ -234,7 +234,7 @@ def load_backbone(spec: protocol_mod.BackboneSpec, device: str = "cpu") -> ClipB
     """The frozen backbone a protocol names (the toy tag resolves to the shipped checkpoint)."""
     pretrained = spec.pretrained
     if pretrained == protocol_mod.TOY_PRETRAINED:
-        from bench.toyclip import checkpoint_path
+        from bench.demo.toyclip import checkpoint_path
 
         pretrained = str(checkpoint_path())
     bb = load_clip(spec.arch, pretrained, spec.image_size, device, **spec.load_kwargs())

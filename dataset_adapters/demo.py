@@ -2,7 +2,7 @@
 
 Both are generated offline, deterministically, from the photographs that scikit-image
 ships inside its wheel (``skimage.data``; no download through pooch is needed) with the
-synthetic defects of :mod:`bench.synthetic`. They are laid out exactly like MVTec AD::
+synthetic defects of :mod:`bench.demo.synthetic`. They are laid out exactly like MVTec AD::
 
     <root>/<category>/train/good/000.png
     <root>/<category>/test/good/000.png
@@ -18,8 +18,8 @@ synthetic defects of :mod:`bench.synthetic`. They are laid out exactly like MVTe
   photos ``coffee`` (a coffee cup), ``chelsea`` (a cat) and ``astronaut``.
 
 The source photos of the two datasets are disjoint (:data:`AUX_SOURCES`,
-:data:`TARGET_SOURCES`); the toy CLIP pre-training corpus (:mod:`bench.toyclip`) never
-draws from :data:`TARGET_SOURCES` (nor their aliases, :data:`SOURCE_ALIASES`).
+:data:`TARGET_SOURCES`); the toy CLIP pre-training corpus (:mod:`bench.demo.toyclip`)
+never draws from :data:`TARGET_SOURCES` (nor their aliases, :data:`SOURCE_ALIASES`).
 
 Write a dataset with ``get_adapter("demo_aux").generate(root)``; the bytes are identical
 on every run (fixed seed, no randomness outside a seeded ``numpy.random.Generator``).
@@ -35,8 +35,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from bench.demo.synthetic import apply_defect
 from bench.manifest import from_rows
-from bench.synthetic import apply_defect
 
 from .base import DatasetAdapter, register_adapter
 

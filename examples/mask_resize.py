@@ -6,7 +6,7 @@ the binary mask with nearest neighbour. All give the same mask away from defect 
 the borders they disagree.
 
 This script draws full-size masks with the shapes of the synthetic defects
-(``bench.synthetic``: scratches, cracks, holes, stains, cut-paste patches) on canvases of
+(``bench.demo.synthetic``: scratches, cracks, holes, stains, cut-paste patches) on canvases of
 MVTec AD's and VisA's sizes, resizes them to 518 px both ways, and scores the *same* anomaly
 maps against both: maps that follow the defect with a soft border (a blurred copy of the mask
 at the evaluation size, plus noise), as a good ZSAD method's maps do. It prints the share of
@@ -26,7 +26,7 @@ from scipy.ndimage import gaussian_filter
 
 from bench import metrics
 from bench.data import resize_mask
-from bench.synthetic import DEFECTS, apply_defect
+from bench.demo.synthetic import DEFECTS, apply_defect
 
 CANVASES = (1024, 900, 700, 1500)  # MVTec AD images are 700-1024 px; VisA's ~1500 px
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench import synthetic
+from bench.demo import synthetic
 from bench.manifest import validate
 from bench.registry import get_adapter
 from dataset_adapters import demo

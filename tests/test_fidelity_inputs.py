@@ -221,7 +221,7 @@ def test_demo_protocol_is_untouched_by_the_input_settings():
     assert len(keys) == 1
     assert all(demo.class_words_for(m) == "readable" for m in demo.methods)
     spec = demo.backbone_for("anomalyclip")
-    assert resolve_activation(spec.arch, "bench/data/zsad-tiny-toy.pt", spec.activation) == "gelu"
+    assert resolve_activation(spec.arch, "bench/demo/zsad-tiny-toy.pt", spec.activation) == "gelu"
 
 
 def test_runner_feeds_folder_ids_to_vand(demo_data_root: Path, tmp_path: Path):

@@ -48,10 +48,10 @@ def test_wheel_holds_the_report_templates(wheel_names):
 
 
 def test_wheel_holds_protocols_configs_and_toy_checkpoint(wheel_names):
-    from bench.toyclip import CHECKPOINT_NAME
+    from bench.demo.toyclip import CHECKPOINT_NAME
 
     for rel in ("bench/protocols/demo.toml", "bench/protocols/full.toml",
-                "bench/model_configs/zsad-tiny.json", f"bench/data/{CHECKPOINT_NAME}",
+                "bench/demo/model_configs/zsad-tiny.json", f"bench/demo/{CHECKPOINT_NAME}",
                 "methods/base.py", "dataset_adapters/demo.py"):
         assert rel in wheel_names, rel
 

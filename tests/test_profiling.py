@@ -113,7 +113,7 @@ def test_toy_weights_fall_back_to_random(monkeypatch: pytest.MonkeyPatch) -> Non
 
     from bench.protocol import TOY_PRETRAINED, BackboneSpec
 
-    monkeypatch.setitem(sys.modules, "bench.toyclip", None)  # import fails
+    monkeypatch.setitem(sys.modules, "bench.demo.toyclip", None)  # import fails
     bb, note = profiling.load_backbone(BackboneSpec("zsad-tiny", TOY_PRETRAINED, IMAGE_SIZE), "cpu")
     assert bb.pretrained is None and "random weights" in note
 

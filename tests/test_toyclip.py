@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench import toyclip
 from bench.backbone import load_clip
+from bench.demo import toyclip
 from dataset_adapters import demo
 
 
