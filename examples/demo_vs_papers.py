@@ -29,16 +29,18 @@ def demo_figures(records: list[dict], dataset: str, level: str,
                  metric: str = "auroc") -> dict[str, tuple[float, float, int]]:
     """method -> (mean over seeds, std over seeds, number of seeds), in percent.
 
-    Each seed's figure is the mean over the dataset's categories (NaN categories skipped).
-    Zero-shot records only (no ``shots``); the std is the population std (0 for one seed).
+    Each seed's figure is the mean over the dataset's categories (NaN categories skipped);
+    the std is the population std (0 for one seed). Few-shot records form their own rows,
+    ``"afclip_plus (k=1)"`` (the papers' zero-shot figures are not compared with them).
     """
     per = defaultdict(lambda: defaultdict(list))
     for r in records:
-        if (r["dataset"], r["level"], r["metric"]) != (dataset, level, metric) or r.get("shots"):
+        if (r["dataset"], r["level"], r["metric"]) != (dataset, level, metric):
             continue
         v = r["value"]
         if v is not None and not np.isnan(v):
-            per[r["method"]][r["seed"]].append(float(v))
+            key = f"{r['method']} (k={r['shots']})" if r.get("shots") else r["method"]
+            per[key][r["seed"]].append(float(v))
     out = {}
     for method, seeds in per.items():
         means = np.array([np.mean(v) for v in seeds.values()]) * 100

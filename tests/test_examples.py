@@ -62,8 +62,10 @@ def test_demo_vs_papers_means_over_categories_then_seeds():
                _rec("vand", 0, "a", 0.1, level="image"),               # other level
                _rec("vand", 0, "a", 0.1, shots=1),                     # few-shot
                _rec("vand", 0, "a", 0.1, dataset="demo_aux")]          # other dataset
-    mean, std, n = cmp.demo_figures(records, "demo_target", "pixel")["vand"]
+    figures = cmp.demo_figures(records, "demo_target", "pixel")
+    mean, std, n = figures["vand"]
     assert n == 2 and abs(mean - 80.0) < 1e-9 and abs(std - 10.0) < 1e-9
+    assert figures["vand (k=1)"] == (10.0, 0.0, 1)  # few-shot: a row of its own
 
 
 def test_demo_vs_papers_rank_correlation_and_paper_sources():

@@ -70,6 +70,22 @@ def test_compact_text_tower_matches_backbone():
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
 
 
+def test_recipes_name_the_default_and_the_previous_settings():
+    # issue 15: the default (shipped) recipe trains the patches against free vectors only;
+    # the previous recipe stays reproducible by name
+    assert toyclip.TrainConfig() == toyclip.TrainConfig.recipe("free-patches")
+    default = toyclip.TrainConfig()
+    assert (default.w_patch, default.w_pool, default.w_patch_free) == (0.0, 0.0, 1.0)
+    aligned = toyclip.TrainConfig.recipe("aligned-patches")
+    assert (aligned.w_patch, aligned.w_pool, aligned.w_patch_free) == (1.0, 2.0, 0.0)
+    assert toyclip.TrainConfig.recipe("aligned-patches", steps=3).steps == 3
+    assert set(toyclip.RECIPE_SHA256) == set(toyclip.RECIPES)
+    assert toyclip.CHECKPOINT_SHA256 == toyclip.RECIPE_SHA256["free-patches"]
+    assert len(set(toyclip.RECIPE_SHA256.values())) == len(toyclip.RECIPES)
+    with pytest.raises(ValueError, match="aligned-patches"):
+        toyclip.TrainConfig.recipe("aligned")
+
+
 def test_tiny_training_is_bit_reproducible(tmp_path):
     cfg = toyclip.TrainConfig(corpus_size=8, steps=2, batch_pairs=4, warmup=1)
     shas = []
