@@ -49,6 +49,10 @@ class TrainConfig:
     w_patch: float = 0.0  # patch tokens against the state prompts ("aligned-patches": 1)
     w_pool: float = 0.0  # class token pulled to the pooled patch evidence ("aligned-patches": 2)
     w_patch_free: float = 1.0  # patch tokens against free state vectors ("aligned-patches": 0)
+    # experiment, off by default: the free-vector patch term also on every earlier block's
+    # tokens (read out through ln_post + proj; a pair of free vectors per block), so that
+    # methods reading intermediate blocks (VAND, AF-CLIP) find the local state there too
+    w_patch_deep: float = 0.0
     unknown_object_p: float = 0.35  # replace the object words by unseen tokens
     threads: int = 2
     photo_fraction: float = 0.7
@@ -243,6 +247,11 @@ def _train(config: TrainConfig, *, log: Callable[[str], None], progress: bool, e
         free_states = torch.nn.Parameter(0.02 * torch.randn(2, model.text_projection.shape[1],
                                                             generator=gen))
         params.append(free_states)
+    deep_states = None
+    if config.w_patch_deep > 0:  # only then: the other recipes' RNG streams are as they were
+        deep_states = torch.nn.Parameter(0.02 * torch.randn(
+            bb.num_layers - 1, 2, model.text_projection.shape[1], generator=gen))
+        params.append(deep_states)
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
@@ -286,7 +295,8 @@ def _train(config: TrainConfig, *, log: Callable[[str], None], progress: bool, e
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
 
-        feats = bb.encode_image_uncached(x, layers=[bb.num_layers])
+        taps = list(range(1, bb.num_layers + 1)) if deep_states is not None else [bb.num_layers]
+        feats = bb.encode_image_uncached(x, layers=taps)
         glob = feats.global_embedding
         patches = bb.project_tokens(feats.taps[bb.num_layers][:, 1:])
         all_text = text(torch.cat([torch.stack(toks), torch.tensor(pn), torch.tensor(pa)]))
@@ -329,6 +339,15 @@ def _train(config: TrainConfig, *, log: Callable[[str], None], progress: bool, e
                 + config.w_patch * l_patch + config.w_pool * l_pool)
         if free_states is not None:
             loss = loss + config.w_patch_free * l_free
+        if deep_states is not None:  # the same term on every earlier block, averaged
+            l_deep = torch.zeros(())
+            for i in range(bb.num_layers - 1):
+                dlog = _state_logits(bb.project_tokens(feats.taps[i + 1][:, 1:]),
+                                     deep_states[i, 0].expand(b2, -1),
+                                     deep_states[i, 1].expand(b2, -1), scale)
+                l_deep = l_deep + (F.binary_cross_entropy_with_logits(
+                    dlog, ptarget, reduction="none") * w).sum() / 2
+            loss = loss + config.w_patch_deep * l_deep / (bb.num_layers - 1)
 
         opt.zero_grad(set_to_none=True)
         loss.backward()
