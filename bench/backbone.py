@@ -24,8 +24,10 @@ Two settings of the backbone are part of a method (issue 14; ``docs/methods.md``
   names ``openai`` — and protocols state it explicitly for files.
 * **pos_embed_resize** — how the position-embedding grid is resized from the checkpoint's
   native size to ``image_size``: ``"open_clip"`` (bicubic with antialias at load time, as
-  open_clip and VAND's released code do) or ``"bilinear"`` (bilinear, no antialias,
-  ``align_corners=False``: what AnomalyCLIP's released ``VisionTransformer.forward`` does).
+  open_clip and VAND's released code do), ``"bilinear"`` (bilinear, no antialias,
+  ``align_corners=False``: what AnomalyCLIP's released ``VisionTransformer.forward`` does) or
+  ``"bicubic"`` (bicubic *without* antialias, ``align_corners=False``: AdaCLIP's released
+  ``resize_pos_embed``, a different kernel from open_clip's even when enlarging the grid).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ CONFIG_DIRS: tuple[Path, ...] = (Path(__file__).parent / "demo" / "model_configs
 #: ``activation`` values: open_clip's QuickGELU (OpenAI's CLIP) and ``nn.GELU`` (LAION & co.).
 ACTIVATIONS = ("quick_gelu", "gelu")
 #: ``pos_embed_resize`` values (see the module docstring).
-POS_EMBED_RESIZES = ("open_clip", "bilinear")
+POS_EMBED_RESIZES = ("open_clip", "bilinear", "bicubic")
 #: Keys of an OpenAI checkpoint (TorchScript state dict) that are metadata, not weights.
 _OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
 
@@ -370,7 +372,8 @@ def resize_position_grid(pos: torch.Tensor, grid: tuple[int, int], mode: str) ->
     """Position embedding [1 + n*n, W] (class token first) resized to ``grid`` patches.
 
     ``"bilinear"``: ``F.interpolate(mode="bilinear")`` (``align_corners=False``, no antialias),
-    AnomalyCLIP's released forward pass; ``"open_clip"``: bicubic with antialias, open_clip's
+    AnomalyCLIP's released forward pass; ``"bicubic"``: bicubic without antialias, AdaCLIP's
+    released ``resize_pos_embed``; ``"open_clip"``: bicubic with antialias, open_clip's
     ``resize_pos_embed``.
     """
     if mode not in POS_EMBED_RESIZES:
@@ -382,8 +385,8 @@ def resize_position_grid(pos: torch.Tensor, grid: tuple[int, int], mode: str) ->
     if (old, old) == tuple(grid):
         return pos
     x = img.reshape(1, old, old, -1).permute(0, 3, 1, 2)
-    if mode == "bilinear":
-        x = F.interpolate(x, size=tuple(grid), mode="bilinear", align_corners=False)
+    if mode in ("bilinear", "bicubic"):
+        x = F.interpolate(x, size=tuple(grid), mode=mode, align_corners=False)
     else:
         x = F.interpolate(x, size=tuple(grid), mode="bicubic", antialias=True, align_corners=False)
     return torch.cat([tok, x.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)], dim=0)
@@ -428,14 +431,15 @@ def load_clip(
     or downloadable), a local checkpoint path (open_clip state dict, or OpenAI's TorchScript
     file), or ``None`` for seeded random weights.
     ``image_size``: input resolution; the position grid is resized to it by
-    ``pos_embed_resize`` (``"open_clip"`` or ``"bilinear"``, see the module docstring), e.g.
+    ``pos_embed_resize`` (``"open_clip"``, ``"bilinear"`` or ``"bicubic"``, see the module
+    docstring), e.g.
     518 for ViT-L/14@336 as in AnomalyCLIP.
     ``activation``: ``"quick_gelu"``, ``"gelu"`` or ``None`` — QuickGELU for OpenAI weights
     (:func:`is_openai_weights`), else the architecture config's.
 
     Random weights (``pretrained=None``) are drawn at ``image_size`` directly with
-    ``"open_clip"``; with ``"bilinear"`` they are drawn at the native size and resized, as a
-    checkpoint would be.
+    ``"open_clip"``; with ``"bilinear"`` or ``"bicubic"`` they are drawn at the native size and
+    resized, as a checkpoint would be.
     """
     register_model_configs()
     if arch not in open_clip.list_models():

@@ -341,7 +341,7 @@ class AdaCLIP(Method):
     #: ``metal_nut``, ``pcb1``, ``pipe_fryum``) and builds the 518-px model by resizing the
     #: position grid bicubically at load time (``method/clip_model.py`` ``resize_pos_embed``).
     #: (Its nn.GELU on OpenAI's weights is a bug: ``[backbones.adaclip] activation = "gelu"``.)
-    released_inputs = {"class_words": "folder", "pos_embed_resize": "open_clip"}
+    released_inputs = {"class_words": "folder", "pos_embed_resize": "bicubic"}
 
     def __init__(self, backbone: Any, **hparams: Any) -> None:
         super().__init__(backbone, **hparams)

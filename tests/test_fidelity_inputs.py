@@ -163,6 +163,24 @@ def test_bilinear_resize_is_anomalyclips_forward_resize(native_state: Path):
     assert "pos-embed bilinear" in bb.describe() and bb.settings()["pos_embed_resize"] == "bilinear"
 
 
+def test_bicubic_resize_is_adaclips_released_resize(native_state: Path):
+    """AdaCLIP's released ``resize_pos_embed`` is bicubic *without* antialias
+    (``method/clip_model.py``): not open_clip's antialiased bicubic, even when enlarging."""
+    src = torch.load(native_state, weights_only=True)["visual.positional_embedding"]
+    bb = load_clip(ARCH, str(native_state), 104, pos_embed_resize="bicubic")
+    side, new = 8, 13
+    grid = src[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    ref = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+    ref = ref.permute(0, 2, 3, 1).reshape(new * new, -1)
+    got = bb.model.visual.positional_embedding.detach()
+    assert torch.equal(got[0], src[0]) and torch.equal(got[1:], ref)
+    oc = load_clip(ARCH, str(native_state), 104, pos_embed_resize="open_clip")
+    assert not torch.allclose(got, oc.model.visual.positional_embedding.detach(), atol=1e-4)
+    assert bb.settings()["pos_embed_resize"] == "bicubic"
+    full = _proto("full")
+    assert full.inputs_for("adaclip")["pos_embed_resize"] == "bicubic"
+
+
 def test_open_clip_resize_is_open_clips_loader(native_state: Path):
     """'open_clip' mode is bit for bit open_clip.load_checkpoint at the forced size."""
     ref = open_clip.create_model(ARCH, pretrained=None, force_image_size=104)
