@@ -13,7 +13,7 @@ import importlib.util
 import json
 import sys
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +93,49 @@ def random_native_checkpoint(directory: Path, arch: str,
     path = directory / "random_native.pt"
     torch.save(state, path)
     return path
+
+
+def observer(label: str) -> tuple[dict[str, float], Callable[[str, Any], float]]:
+    """``(observed, observe)``: ``observe(name, value)`` records ``float(value)`` under
+    ``name`` in ``observed``, prints it (``pytest -s`` shows every measured difference) and
+    returns it."""
+    observed: dict[str, float] = {}
+
+    def observe(name: str, value: Any) -> float:
+        v = float(value)
+        observed[name] = v
+        print(f"[released {label}] {name}: {v:.3e}")
+        return v
+
+    return observed, observe
+
+
+def max_abs_diff(a: Any, b: Any) -> float:
+    """Largest absolute difference of two same-shaped tensors (or arrays), in float64."""
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float((a.detach().double() - b.detach().double()).abs().max())
+
+
+class NoHalf:
+    """A prompt tensor that ignores ``.half()``: the released AnomalyCLIP-family code calls
+    ``.expand(...).permute(...).half()`` on its deep text tokens and AdaCLIP's ``PromptLayer``
+    ``(dynamic + static).permute(1, 0, 2).half()``; the equivalence tests compare in fp32 and
+    measure the fp16 rounding on its own."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+    def __add__(self, other: Any) -> NoHalf:
+        return NoHalf(self.t + other)
+
+    __radd__ = __add__
+
+    def expand(self, *size: int) -> NoHalf:
+        return NoHalf(self.t.expand(*size))
+
+    def permute(self, *dims: int) -> NoHalf:
+        return NoHalf(self.t.permute(*dims))
+
+    def half(self) -> torch.Tensor:
+        return self.t

@@ -106,7 +106,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.released_code import isolated_import, pkg_resources_stub, random_native_checkpoint
+from tests.released_code import (
+    isolated_import,
+    max_abs_diff,
+    observer,
+    pkg_resources_stub,
+    random_native_checkpoint,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -212,19 +218,8 @@ RESTATED = [
     ("model/clip.py", "model = CLIP(**model_cfg, cast_dtype=cast_dtype)"),
     ("model/clip.py", "resize_pos_embed(state_dict, model)"),
 ]
-OBSERVED: dict[str, float] = {}
+OBSERVED, _observe = observer("aaclip")
 
-
-def _observe(name: str, value: float | torch.Tensor) -> float:
-    v = float(value)
-    OBSERVED[name] = v
-    print(f"[released aaclip] {name}: {v:.3e}")
-    return v
-
-
-def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float((a.detach().double() - b.detach().double()).abs().max())
 
 
 # -- the released side -------------------------------------------------------------------------
@@ -466,7 +461,7 @@ def test_same_setup(backbone, clip_model):
     assert backbone.text_layers == 12 and backbone.grid_size == IMAGE_SIZE // 14
     assert isinstance(clip_model.visual.transformer.resblocks[0].mlp.gelu, nn.GELU)
     assert _observe("position embedding (bicubic + antialias 24 -> 16)",
-                    _maxdiff(clip_model.visual.positional_embedding,
+                    max_abs_diff(clip_model.visual.positional_embedding,
                              backbone.model.visual.positional_embedding)) < 1e-6
     prompts = released.fu.PROMPTS
     assert tuple(prompts["prompt_normal"]) == NORMAL_STATES
@@ -499,10 +494,10 @@ def test_text_anchors_match(backbone, clip_model):
         theirs_clip = _released_text(clip_model, names, grad=False)   # [B, D, 2]
         theirs_adapted = _released_text(adapted, names, grad=False)
     assert _observe("anchors, CLIP's own text tower",
-                    _maxdiff(mine_clip, theirs_clip.transpose(1, 2))) < ATOL
+                    max_abs_diff(mine_clip, theirs_clip.transpose(1, 2))) < ATOL
     assert _observe("anchors, adapted text tower",
-                    _maxdiff(mine_adapted, theirs_adapted.transpose(1, 2))) < ATOL
-    assert _maxdiff(mine_clip, mine_adapted) > 100 * ATOL      # the adapters change the text
+                    max_abs_diff(mine_adapted, theirs_adapted.transpose(1, 2))) < ATOL
+    assert max_abs_diff(mine_clip, mine_adapted) > 100 * ATOL      # the adapters change the text
 
 
 def test_inference_matches(backbone, clip_model):
@@ -518,9 +513,9 @@ def test_inference_matches(backbone, clip_model):
     pred = ours.predict(batch)
     scale = float(theirs["map"].abs().max())
     assert _observe("anomaly map |diff| (industrial, medical)",
-                    _maxdiff(pred.anomaly_maps, theirs["map"])) < ATOL * max(1.0, scale)
+                    max_abs_diff(pred.anomaly_maps, theirs["map"])) < ATOL * max(1.0, scale)
     _observe("anomaly map scale (max |map|)", scale)
-    assert _observe("image score |diff|", _maxdiff(pred.image_scores, theirs["score"])) < ATOL
+    assert _observe("image score |diff|", max_abs_diff(pred.image_scores, theirs["score"])) < ATOL
     assert float(theirs["map"].std()) > 1e-3
 
 
@@ -532,7 +527,7 @@ def _compare_grads(label: str, rows, names) -> dict[str, torch.Tensor]:
         assert a.grad is not None and b.grad is not None, name
         scale = float(b.grad.abs().max())
         assert scale > 0, name
-        rel = _maxdiff(a.grad, b.grad) / scale
+        rel = max_abs_diff(a.grad, b.grad) / scale
         print(f"[released aaclip] {label} grad {name}: |diff| / max |grad| = {rel:.2e}")
         worst = max(worst, rel)
         assert rel < GRAD_RTOL, (name, rel)
@@ -551,10 +546,10 @@ def _stage1(backbone, clip_model, clip_surgery, batch, hp: dict, *, intended: bo
         feats = ours.stage1_features(batch["image"])
     theirs = _released_stage1(adapted, clip_surgery, batch, intended=intended)
     for j, (f, g) in enumerate(zip(feats, theirs["features"], strict=True)):
-        assert _observe(f"{label} stage-1 features, level {LEVELS[j]}", _maxdiff(f, g)) < ATOL
+        assert _observe(f"{label} stage-1 features, level {LEVELS[j]}", max_abs_diff(f, g)) < ATOL
     for key, mine in (("seg", parts["seg"]), ("dis", parts["dis"]), ("total", total)):
         assert _observe(f"{label} loss {key} ({float(theirs[key]):.4f}) |diff|",
-                        _maxdiff(mine, theirs[key])) < ATOL, key
+                        max_abs_diff(mine, theirs[key])) < ATOL, key
     rows = _learnable(ours, adapted)
     grads = _compare_grads(label, rows, {"text_adapters", "text_proj"})
     assert all(a.grad is None for n, a, _ in rows if n.split("[")[0] not in
@@ -584,12 +579,12 @@ def test_stage1_switches_off(backbone, clip_model, clip_surgery, stage1_batch, s
     off = _stage1(backbone, clip_model, clip_surgery, stage1_batch, OFF, intended=True,
                   label="stage 1 (switches off vs released, intended)")
     on = stage1_on
-    moved = max(_maxdiff(a, b) for a, b in zip(off.feats, on.feats, strict=True))
+    moved = max(max_abs_diff(a, b) for a, b in zip(off.feats, on.feats, strict=True))
     _observe("stage-1 features, batch axis vs tokens (max over levels)", moved)
     assert moved > 100 * ATOL
     _observe("stage-1 loss, switches off vs on",
              abs(float(off.theirs["total"]) - float(on.theirs["total"])))
-    rel = max(_maxdiff(off.grads[k], on.grads[k]) / float(on.grads[k].abs().max())
+    rel = max(max_abs_diff(off.grads[k], on.grads[k]) / float(on.grads[k].abs().max())
               for k in on.grads)
     _observe("stage-1 max |grad off - grad on| / max |grad on| (per tensor)", rel)
     assert rel > 100 * GRAD_RTOL
@@ -605,7 +600,7 @@ def test_stage2_step(backbone, clip_model):
     theirs = _released_stage2(adapted, batch)
     for key, mine in (("cls", parts["cls"]), ("seg", parts["seg"]), ("total", total)):
         assert _observe(f"stage 2 loss {key} ({float(theirs[key]):.4f}) |diff|",
-                        _maxdiff(mine, theirs[key])) < ATOL, key
+                        max_abs_diff(mine, theirs[key])) < ATOL, key
     rows = _learnable(ours, adapted)
     grads = _compare_grads("stage 2", rows, {"image_adapters", "seg_proj", "det_proj"})
     assert len(grads) == 11

@@ -123,7 +123,10 @@ import torch.nn.functional as F
 
 from tests.released_code import (
     NARROW_VITL_336,
+    NoHalf,
     isolated_import,
+    max_abs_diff,
+    observer,
     pkg_resources_stub,
     random_native_checkpoint,
 )
@@ -233,42 +236,11 @@ SIGMA = 4                         # trainer.evaluation: gaussian_filter(sigma=4)
 LR = 0.01                         # --learning_rate default
 CLASSES = ["metal_nut", "pipe-fryum"]   # folder words; "-" becomes a space on both sides
 ACTIVATIONS = {"released": "gelu", "full": "quick_gelu"}
-OBSERVED: dict[str, float] = {}
+OBSERVED, _observe = observer("adaclip")
 
-
-def _observe(name: str, value: float | torch.Tensor) -> float:
-    v = float(value)
-    OBSERVED[name] = v
-    print(f"[released adaclip] {name}: {v:.3e}")
-    return v
-
-
-def _maxdiff(a, b) -> float:
-    a, b = torch.as_tensor(a), torch.as_tensor(b)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float((a.detach().double() - b.detach().double()).abs().max())
 
 
 # -- shims -------------------------------------------------------------------------------------
-
-class _NoHalf:
-    """A prompt tensor that ignores ``.half()`` (``PromptLayer`` calls
-    ``(dynamic + static).permute(1, 0, 2).half()``)."""
-
-    def __init__(self, t: torch.Tensor) -> None:
-        self.t = t
-
-    def __add__(self, other) -> _NoHalf:
-        return _NoHalf(self.t + other)
-
-    __radd__ = __add__
-
-    def permute(self, *dims: int) -> _NoHalf:
-        return _NoHalf(self.t.permute(*dims))
-
-    def half(self) -> torch.Tensor:
-        return self.t
-
 
 class _SeededKMeans:
     """``cluster_performer`` stand-in: the suite's seeded k-means on the released array."""
@@ -318,7 +290,7 @@ def _released_model(clip, *, use_hsf: bool, fp16_quirk: bool = False, kmeans="ou
     if not fp16_quirk:
         for prompter in (model.visual_prompter, model.text_prompter):
             setter = prompter.set_dynamic_prompts
-            prompter.set_dynamic_prompts = lambda p, setter=setter: setter(_NoHalf(p))
+            prompter.set_dynamic_prompts = lambda p, setter=setter: setter(NoHalf(p))
     if use_hsf and kmeans == "ours":
         model.HSF.cluster_performer = _SeededKMeans(K_CLUSTERS)
     return model
@@ -561,8 +533,8 @@ def test_same_setup(setup, checkpoint):
     key = "visual.positional_embedding"  # equal above: our "bicubic" is the released resize
     grid = _released_clip(checkpoint, ACTIVATIONS[setup.name], grid="open_clip").state_dict()
     _observe("position grid 24 -> 37, released resize (bicubic) vs open_clip's (antialias)",
-             _maxdiff(grid[key], mine[key]))
-    assert _maxdiff(grid[key][:1], mine[key][:1]) == 0.0
+             max_abs_diff(grid[key], mine[key]))
+    assert max_abs_diff(grid[key][:1], mine[key][:1]) == 0.0
     kinds = {type(m).__name__ for m in setup.clip.modules()} & {"GELU", "QuickGELU"}
     assert kinds == {"GELU" if setup.name == "released" else "QuickGELU"}
     assert setup.backbone.activation == ACTIVATIONS[setup.name]
@@ -603,12 +575,12 @@ def test_inference_matches(setup, images, hsf):
     if hsf == "released":
         calls = model.HSF.cluster_performer.calls
         assert len(calls) == len(images) and all(len(set(lb)) == K_CLUSTERS for _, lb in calls)
-    assert _observe(f"{label} text features", _maxdiff(text, theirs["text"])) < ATOL
-    assert _observe(f"{label} anomaly map before smoothing", _maxdiff(raw, theirs["raw"])) < ATOL
-    assert _observe(f"{label} final map (σ = 4)", _maxdiff(pred.anomaly_maps, theirs["map"])) < ATOL
-    assert _observe(f"{label} image score", _maxdiff(pred.image_scores, theirs["score"])) < ATOL
+    assert _observe(f"{label} text features", max_abs_diff(text, theirs["text"])) < ATOL
+    assert _observe(f"{label} anomaly map before smoothing", max_abs_diff(raw, theirs["raw"])) < ATOL
+    assert _observe(f"{label} final map (σ = 4)", max_abs_diff(pred.anomaly_maps, theirs["map"])) < ATOL
+    assert _observe(f"{label} image score", max_abs_diff(pred.image_scores, theirs["score"])) < ATOL
     assert float(theirs["map"].std()) > 1e-4 and float(theirs["score"].std()) > 1e-5
-    assert _maxdiff(text[0], text[1]) > 100 * ATOL       # per-image text (class and prompts)
+    assert max_abs_diff(text[0], text[1]) > 100 * ATOL       # per-image text (class and prompts)
 
 
 def test_fp16_prompt_quirk(setup, images):
@@ -619,9 +591,9 @@ def test_fp16_prompt_quirk(setup, images):
     _, quirk = _new_pair(setup.backbone, setup.clip, seed=0, fp16_quirk=True)
     a = _released_predict(exact, images, CLASSES)
     b = _released_predict(quirk, images, CLASSES)
-    _observe("fp16 prompts: text features", _maxdiff(a["text"], b["text"]))
-    _observe("fp16 prompts: final maps", _maxdiff(a["map"], b["map"]))
-    _observe("fp16 prompts: image scores", _maxdiff(a["score"], b["score"]))
+    _observe("fp16 prompts: text features", max_abs_diff(a["text"], b["text"]))
+    _observe("fp16 prompts: final maps", max_abs_diff(a["map"], b["map"]))
+    _observe("fp16 prompts: image scores", max_abs_diff(a["score"], b["score"]))
 
 
 def test_released_position_grid(setup, checkpoint, images):
@@ -635,8 +607,8 @@ def test_released_position_grid(setup, checkpoint, images):
     _, as_released = _new_pair(setup.backbone, setup.clip, seed=0)
     a = _released_predict(shimmed, images, CLASSES)
     b = _released_predict(as_released, images, CLASSES)
-    _observe("released grid vs open_clip grid: final maps", _maxdiff(a["map"], b["map"]))
-    _observe("released grid vs open_clip grid: image scores", _maxdiff(a["score"], b["score"]))
+    _observe("released grid vs open_clip grid: final maps", max_abs_diff(a["map"], b["map"]))
+    _observe("released grid vs open_clip grid: image scores", max_abs_diff(a["score"], b["score"]))
 
 
 def test_sklearn_kmeans(setup, images):
@@ -651,8 +623,8 @@ def test_sklearn_kmeans(setup, images):
     a = _released_predict(ours_km, images, CLASSES)
     np.random.seed(111)
     b = _released_predict(sk, images, CLASSES)
-    assert _maxdiff(a["map"], b["map"]) < 1e-6            # k-means only moves the score
-    _observe("image scores, sklearn KMeans vs the suite's k-means", _maxdiff(a["score"],
+    assert max_abs_diff(a["map"], b["map"]) < 1e-6            # k-means only moves the score
+    _observe("image scores, sklearn KMeans vs the suite's k-means", max_abs_diff(a["score"],
                                                                               b["score"]))
     for i, (x, labels) in enumerate(ours_km.HSF.cluster_performer.calls):
         np.random.seed(111)
@@ -674,11 +646,11 @@ def test_paper_hsf_vs_released(setup, images):
             ours = AdaCLIP(setup.backbone, hsf=hsf, mosaic_rate=0.0)
         with torch.no_grad():
             scores[hsf] = ours.predict({"image": images, "prompt_name": list(CLASSES)})
-    assert _maxdiff(scores["paper"].anomaly_maps, scores["released"].anomaly_maps) == 0.0
+    assert max_abs_diff(scores["paper"].anomaly_maps, scores["released"].anomaly_maps) == 0.0
     _observe("image scores, paper HSF vs released HSF",
-             _maxdiff(scores["paper"].image_scores, scores["released"].image_scores))
+             max_abs_diff(scores["paper"].image_scores, scores["released"].image_scores))
     _observe("image scores, released HSF vs no HSF",
-             _maxdiff(scores["released"].image_scores, scores["off"].image_scores))
+             max_abs_diff(scores["released"].image_scores, scores["off"].image_scores))
 
 
 def _compare_step(backbone, clip, item, label: str):
@@ -720,8 +692,8 @@ def _compare_step(backbone, clip, item, label: str):
     assert len(focal) == 1 + len(FEATURES) and len(dice) == 2 * len(FEATURES)
     for key, value in theirs.items():
         assert _observe(f"{label} loss {key} ({float(value):.4f}) |diff|",
-                        _maxdiff(terms[key], value)) < ATOL, key
-    assert _observe(f"{label} total ({float(loss.detach()):.4f}) |diff|", _maxdiff(total, loss.detach())) < ATOL
+                        max_abs_diff(terms[key], value)) < ATOL, key
+    assert _observe(f"{label} total ({float(loss.detach()):.4f}) |diff|", max_abs_diff(total, loss.detach())) < ATOL
     grads, worst, worst_step = {}, 0.0, 0.0
     assert model.text_prompter.static_prompts[0].grad is None     # never read
     for name, a, b in rows:
@@ -729,7 +701,7 @@ def _compare_step(backbone, clip, item, label: str):
         assert g_a is not None and b.grad is not None, name
         scale = float(b.grad.abs().max())
         assert scale > 0, name
-        rel = _maxdiff(g_a, b.grad) / scale
+        rel = max_abs_diff(g_a, b.grad) / scale
         print(f"[released adaclip] {label} grad {name}: |diff| / max |grad| = {rel:.2e}")
         worst = max(worst, rel)
         assert rel < GRAD_RTOL, (name, rel)
@@ -738,7 +710,7 @@ def _compare_step(backbone, clip, item, label: str):
         tiny = b.grad.abs() < 1e-3 * scale
         worst_step = max(worst_step, float(d[~tiny].max()) / LR)
         assert float(d[~tiny].max()) < 1e-3 * LR, name
-        assert _maxdiff(a, before[name]) > 0.5 * LR, name            # the step moved it
+        assert max_abs_diff(a, before[name]) > 0.5 * LR, name            # the step moved it
     _observe(f"{label} max grad |diff| / max |grad|", worst)
     _observe(f"{label} max AdamW step |diff| / lr (|g| >= 1e-3 max |g|)", worst_step)
     return grads, ours
@@ -774,6 +746,6 @@ def test_per_image_dice(setup, train_item, step):
     rel = 0.0
     for name, a, _ in rows:
         g = _grad(ours, name, a)
-        rel = max(rel, _maxdiff(g, grads_row[name]) / float(grads_row[name].abs().max()))
+        rel = max(rel, max_abs_diff(g, grads_row[name]) / float(grads_row[name].abs().max()))
     _observe("per-image Dice vs per-row Dice: max |grad diff| / max |grad| (per tensor)", rel)
     assert rel > 100 * GRAD_RTOL

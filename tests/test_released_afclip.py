@@ -100,6 +100,8 @@ import torch.nn.functional as F
 from tests.released_code import (
     NARROW_VITL_336,
     isolated_import,
+    max_abs_diff,
+    observer,
     pkg_resources_stub,
     random_native_checkpoint,
 )
@@ -157,23 +159,12 @@ LR = 1e-4
 #: main.py's argparse defaults (the arguments the model methods read)
 ARGS = types.SimpleNamespace(feature_layers=[6, 12, 18, 24], memory_layers=[6, 12, 18, 24],
                              prompt_len=12, alpha=0.1, lambda1=1.0, lambda2=1.0)
-OBSERVED: dict[str, float] = {}
-
-
-def _observe(name: str, value: float | torch.Tensor) -> float:
-    v = float(value)
-    OBSERVED[name] = v
-    print(f"[released afclip] {name}: {v:.3e}")
-    return v
+OBSERVED, _observe = observer("afclip")
 
 
 def _num(x: float | torch.Tensor) -> float:
     return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
 
-
-def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float((a.detach().double() - b.detach().double()).abs().max())
 
 
 # -- fixtures ----------------------------------------------------------------------------------
@@ -317,7 +308,7 @@ def _compare_step(ours, theirs, batch, *, bug: bool, label: str) -> dict[str, to
         go, gt = o.grad.reshape(t.shape), t.grad
         scale = float(gt.abs().max())
         assert scale > 0, name
-        rel = _maxdiff(go, gt) / scale
+        rel = max_abs_diff(go, gt) / scale
         print(f"[released afclip] {label} grad {name}: |diff| / max |grad| = {rel:.2e}")
         worst_rel = max(worst_rel, rel)
         assert rel < GRAD_RTOL, (name, rel)
@@ -351,10 +342,10 @@ def test_settings_match(backbone, checkpoint):
     with torch.no_grad():
         theirs.detect_forward(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE), ARGS)  # resizes 24->16
     pos = backbone.model.visual.positional_embedding
-    assert _maxdiff(pos, theirs.visual.positional_embedding) < 1e-6
+    assert max_abs_diff(pos, theirs.visual.positional_embedding) < 1e-6
     native = torch.load(checkpoint)["visual.positional_embedding"]
     want = resize_position_grid(native, (16, 16), "bilinear")
-    assert _maxdiff(pos, want) == 0.0
+    assert max_abs_diff(pos, want) == 0.0
 
 
 def test_inference_matches(backbone, checkpoint, images):
@@ -368,10 +359,10 @@ def test_inference_matches(backbone, checkpoint, images):
         pred = ours.predict({"image": images})
         cls_t, map_t = theirs.detect_forward(images, ARGS)
     final_t = _released_finish(map_t, IMAGE_SIZE)
-    assert _observe("zero-shot text features |diff|", _maxdiff(text_o, text_t)) < ATOL
-    assert _observe("zero-shot grid map |diff|", _maxdiff(p_map, map_t[:, 0])) < ATOL
-    assert _observe("zero-shot image score |diff|", _maxdiff(pred.image_scores, cls_t)) < ATOL
-    assert _observe("zero-shot final map |diff|", _maxdiff(pred.anomaly_maps, final_t)) < ATOL
+    assert _observe("zero-shot text features |diff|", max_abs_diff(text_o, text_t)) < ATOL
+    assert _observe("zero-shot grid map |diff|", max_abs_diff(p_map, map_t[:, 0])) < ATOL
+    assert _observe("zero-shot image score |diff|", max_abs_diff(pred.image_scores, cls_t)) < ATOL
+    assert _observe("zero-shot final map |diff|", max_abs_diff(pred.anomaly_maps, final_t)) < ATOL
     assert float(map_t.std()) > 1e-3            # not a constant map
     # AF-CLIP+: k = 2 normal references (the released store_memory + detect_forward)
     refs = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(5))
@@ -383,8 +374,8 @@ def test_inference_matches(backbone, checkpoint, images):
         theirs.store_memory(refs, ARGS)
         cls_t, map_t = theirs.detect_forward(images, ARGS)
     final_t = _released_finish(map_t, IMAGE_SIZE)
-    assert _observe("few-shot image score |diff|", _maxdiff(pred.image_scores, cls_t)) < ATOL
-    assert _observe("few-shot final map |diff|", _maxdiff(pred.anomaly_maps, final_t)) < ATOL
+    assert _observe("few-shot image score |diff|", max_abs_diff(pred.image_scores, cls_t)) < ATOL
+    assert _observe("few-shot final map |diff|", max_abs_diff(pred.anomaly_maps, final_t)) < ATOL
 
 
 def test_border_rule_is_immaterial(backbone, checkpoint, images):
@@ -399,11 +390,11 @@ def test_border_rule_is_immaterial(backbone, checkpoint, images):
         tok = feats.taps[ours.layers[0]]
         zero = aggregate(tok, feats.grid, 5, 4.0, border="zero_pad")
         renorm = aggregate(tok, feats.grid, 5, 4.0)
-        assert _maxdiff(zero, renorm) > 0.1 * float(renorm.abs().max())
+        assert max_abs_diff(zero, renorm) > 0.1 * float(renorm.abs().max())
         a = ours.head.adapter
-        d_adapted = _maxdiff(F.normalize(backbone.project_tokens(a(zero)), dim=-1),
+        d_adapted = max_abs_diff(F.normalize(backbone.project_tokens(a(zero)), dim=-1),
                              F.normalize(backbone.project_tokens(a(renorm)), dim=-1))
-        d_cos = _maxdiff(F.normalize(zero, dim=-1), F.normalize(renorm, dim=-1))
+        d_cos = max_abs_diff(F.normalize(zero, dim=-1), F.normalize(renorm, dim=-1))
     assert _observe("border rule: adapted features |diff|", d_adapted) < ATOL
     assert _observe("border rule: normalised aggregated features |diff|", d_cos) < 1e-6
 
@@ -457,5 +448,5 @@ def test_patch_alignment_term_gradient(backbone, checkpoint, train_batch):
     for (name, _, t), go, gt_ in zip(pairs, g_o, g_t, strict=True):
         scale = float(gt_.abs().max())
         assert scale > 0, name
-        worst = max(worst, _maxdiff(go.reshape(t.shape), gt_) / scale)
+        worst = max(worst, max_abs_diff(go.reshape(t.shape), gt_) / scale)
     assert _observe("L_pal alone: max grad |diff| / max |grad|", worst) < GRAD_RTOL

@@ -84,7 +84,10 @@ import torch.nn.functional as F
 
 from tests.released_code import (
     NARROW_VITL_336,
+    NoHalf,
     isolated_import,
+    max_abs_diff,
+    observer,
     pkg_resources_stub,
     random_native_checkpoint,
 )
@@ -145,45 +148,17 @@ FEATURES = [24]          # train.sh / test.sh: --features_list 24
 TEMPERATURE = 0.07
 LAM = 4                  # train.py:50
 SIGMA = 4                # test.py --sigma
-OBSERVED: dict[str, float] = {}
+OBSERVED, _observe = observer("anomalyclip")
 
-
-def _observe(name: str, value: float | torch.Tensor) -> float:
-    v = float(value)
-    OBSERVED[name] = v
-    print(f"[released anomalyclip] {name}: {v:.3e}")
-    return v
-
-
-def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float((a.detach().float() - b.detach().float()).abs().max())
 
 
 # -- the released side, driven like train.py / test.py ---------------------------------------
-
-class _NoHalf:
-    """A deep text token that ignores ``.half()`` (AnomalyCLIP.py:246 calls
-    ``.expand(...).permute(...).half()`` on it)."""
-
-    def __init__(self, t: torch.Tensor) -> None:
-        self.t = t
-
-    def expand(self, *size: int) -> _NoHalf:
-        return _NoHalf(self.t.expand(*size))
-
-    def permute(self, *dims: int) -> _NoHalf:
-        return _NoHalf(self.t.permute(*dims))
-
-    def half(self) -> torch.Tensor:
-        return self.t
-
 
 def _released_text(model, learner, *, fp16_quirk: bool = False) -> torch.Tensor:
     """test.py:73-76 / train.py:77-80: normalised (normal, anomalous) features [1, 2, D]."""
     prompts, tokenized, deep = learner(cls_id=None)
     if not fp16_quirk:
-        deep = [_NoHalf(p) for p in deep]
+        deep = [NoHalf(p) for p in deep]
     text = model.encode_text_learn(prompts, tokenized, deep).float()
     text = torch.stack(torch.chunk(text, dim=0, chunks=2), dim=1)
     return text / text.norm(dim=-1, keepdim=True)
@@ -335,36 +310,36 @@ def test_same_setup(backbone, released_clip, inference, checkpoint):
     pos = released_clip.visual.positional_embedding
     our_pos = backbone.model.visual.positional_embedding
     assert pos.shape == (37 * 37 + 1, backbone.width)
-    assert _observe("position embedding (bilinear 24 -> 37)", _maxdiff(pos, our_pos)) < 1e-6
+    assert _observe("position embedding (bilinear 24 -> 37)", max_abs_diff(pos, our_pos)) < 1e-6
     native = torch.load(checkpoint, map_location="cpu")["visual.positional_embedding"]
     bicubic = resize_position_grid(native, (37, 37), "open_clip")  # the setting matters
     assert _observe("position embedding, open_clip's bicubic resize instead",
-                    _maxdiff(pos, bicubic)) > ATOL
+                    max_abs_diff(pos, bicubic)) > ATOL
 
 
 def test_text_features_match(inference):
     ours = F.normalize(inference.our_text, dim=-1)
-    assert _observe("text features (normalised)", _maxdiff(ours, inference.text[0])) < ATOL
+    assert _observe("text features (normalised)", max_abs_diff(ours, inference.text[0])) < ATOL
 
 
 def test_patch_tokens_and_maps_match(inference):
     theirs, pred = inference.theirs, inference.pred
     (layer, ours), = inference.our_patches.items()
     assert layer == 24
-    assert _observe("patch tokens, layer 24", _maxdiff(ours, theirs["patches"][0][:, 1:])) < ATOL
+    assert _observe("patch tokens, layer 24", max_abs_diff(ours, theirs["patches"][0][:, 1:])) < ATOL
     sims = inference.ours._maps(inference.our_patches, inference.our_text,
                                 (IMAGE_SIZE, IMAGE_SIZE))
-    assert _observe("similarity maps, layer 24", _maxdiff(sims[0], theirs["sims"][0])) < ATOL
+    assert _observe("similarity maps, layer 24", max_abs_diff(sims[0], theirs["sims"][0])) < ATOL
     raw = sum(s[:, 1] for s in sims)
-    assert _observe("anomaly maps before smoothing", _maxdiff(raw, theirs["maps_raw"])) < ATOL
-    assert _observe("final maps", _maxdiff(pred.anomaly_maps, theirs["maps"])) < ATOL
+    assert _observe("anomaly maps before smoothing", max_abs_diff(raw, theirs["maps_raw"])) < ATOL
+    assert _observe("final maps", max_abs_diff(pred.anomaly_maps, theirs["maps"])) < ATOL
 
 
 def test_image_scores_match(inference):
     theirs = inference.theirs
     assert _observe("global embedding (normalised)",
-                    _maxdiff(F.normalize(inference.our_glob, dim=-1), theirs["global"])) < ATOL
-    assert _observe("image scores", _maxdiff(inference.pred.image_scores, theirs["scores"])) < ATOL
+                    max_abs_diff(F.normalize(inference.our_glob, dim=-1), theirs["global"])) < ATOL
+    assert _observe("image scores", max_abs_diff(inference.pred.image_scores, theirs["scores"])) < ATOL
 
 
 def test_global_token_differs_only_by_ln_post(backbone, released_clip, images, inference):
@@ -376,11 +351,11 @@ def test_global_token_differs_only_by_ln_post(backbone, released_clip, images, i
         feats = encode_image_vv(backbone, images, start=6, layers=FEATURES)
         no_ln = F.normalize(feats.taps[24][:, 0] @ backbone.model.visual.proj, dim=-1)
         scores = (glob @ inference.text[0].T / TEMPERATURE).softmax(-1)[:, 1]
-    assert _maxdiff(patches[0], inference.theirs["patches"][0]) == 0.0
+    assert max_abs_diff(patches[0], inference.theirs["patches"][0]) == 0.0
     assert _observe("released global without ln_post vs ours without ln_post",
-                    _maxdiff(glob, no_ln)) < ATOL
+                    max_abs_diff(glob, no_ln)) < ATOL
     _observe("image scores, released without ln_post vs with (issue #14)",
-             _maxdiff(scores, inference.theirs["scores"]))
+             max_abs_diff(scores, inference.theirs["scores"]))
 
 
 def test_fp16_deep_token_quirk(backbone, released_clip, inference):
@@ -399,11 +374,11 @@ def test_fp16_deep_token_quirk(backbone, released_clip, inference):
                 F.normalize(inference.theirs["patches"][0], dim=-1), quirk[0])[0][:, 1:, :],
             IMAGE_SIZE)[..., 1]
     assert _observe("text features, released fp16 quirk vs suite on fp16-rounded tokens",
-                    _maxdiff(ours16, quirk[0])) < ATOL
+                    max_abs_diff(ours16, quirk[0])) < ATOL
     assert _observe("text features, released with vs without the fp16 rounding",
-                    _maxdiff(quirk, inference.text)) > 0
+                    max_abs_diff(quirk, inference.text)) > 0
     _observe("layer-24 maps, released with vs without the fp16 rounding",
-             _maxdiff(maps16, inference.theirs["maps_raw"]))
+             max_abs_diff(maps16, inference.theirs["maps_raw"]))
 
 
 @pytest.fixture(scope="module")
@@ -475,17 +450,17 @@ def test_training_step_matches(backbone, released_clip, train_batch):
     mine["total"] = torch.tensor(ours.losses[0])
     theirs = _released_step(released_clip, learner, train_batch)
     for key, value in theirs.items():
-        assert _observe(f"loss: {key} ({float(value):.4f})", _maxdiff(mine[key], value)) < ATOL
+        assert _observe(f"loss: {key} ({float(value):.4f})", max_abs_diff(mine[key], value)) < ATOL
     rows = _learnable(ours, learner)
     largest = max(float(t.grad.abs().max()) for _, _, t, _ in rows)
     _observe("largest gradient", largest)
     for name, a, b, view in rows:
         assert a.grad is not None and b.grad is not None
-        assert _observe(f"gradient {name} / largest", _maxdiff(a.grad, view(b.grad)) / largest) \
+        assert _observe(f"gradient {name} / largest", max_abs_diff(a.grad, view(b.grad)) / largest) \
             < GRAD_RTOL
     for (name, a, b, view), a0 in zip(rows, before, strict=True):
-        assert _maxdiff(a, a0) > 5e-4                # the first Adam step moves by ~lr
-        assert _observe(f"after Adam: {name}", _maxdiff(a, view(b))) < ATOL
+        assert max_abs_diff(a, a0) > 5e-4                # the first Adam step moves by ~lr
+        assert _observe(f"after Adam: {name}", max_abs_diff(a, view(b))) < ATOL
 
 
 def test_multilayer_variant_maps_match(backbone, released_clip, images, inference):
@@ -498,7 +473,7 @@ def test_multilayer_variant_maps_match(backbone, released_clip, images, inferenc
     with torch.no_grad():
         theirs = _released_predict(released_clip, inference.text, images, layers)
         pred = ours.predict({"image": images})
-    assert _observe("final maps, layers 6/12/18/24", _maxdiff(pred.anomaly_maps, theirs["maps"])) \
+    assert _observe("final maps, layers 6/12/18/24", max_abs_diff(pred.anomaly_maps, theirs["maps"])) \
         < ATOL
     assert _observe("image scores, layers 6/12/18/24",
-                    _maxdiff(pred.image_scores, theirs["scores"])) < ATOL
+                    max_abs_diff(pred.image_scores, theirs["scores"])) < ATOL

@@ -117,7 +117,10 @@ import torch.nn.functional as F
 
 from tests.released_code import (
     NARROW_VITL_336,
+    NoHalf,
     isolated_import,
+    max_abs_diff,
+    observer,
     pkg_resources_stub,
     random_native_checkpoint,
 )
@@ -190,42 +193,14 @@ SIGMA = 10               # test.py --sigma default (test.sh passes none)
 LR = 1e-3                # train.py --learning_rate default; train.sh passes none
 ON = {"released_prior_tokens_bug": True, "released_sigmoid_bug": True}
 OFF = {"released_prior_tokens_bug": False, "released_sigmoid_bug": False}
-OBSERVED: dict[str, float] = {}
+OBSERVED, _observe = observer("faprompt")
 
-
-def _observe(name: str, value: float | torch.Tensor) -> float:
-    v = float(value)
-    OBSERVED[name] = v
-    print(f"[released faprompt] {name}: {v:.3e}")
-    return v
-
-
-def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float((a.detach().double() - b.detach().double()).abs().max())
 
 
 # -- the released side, driven like train.py / test.py ---------------------------------------
 
-class _NoHalf:
-    """A deep text token that ignores ``.half()`` (AnomalyCLIP.py:246 calls
-    ``.expand(...).permute(...).half()`` on it)."""
-
-    def __init__(self, t: torch.Tensor) -> None:
-        self.t = t
-
-    def expand(self, *size: int) -> _NoHalf:
-        return _NoHalf(self.t.expand(*size))
-
-    def permute(self, *dims: int) -> _NoHalf:
-        return _NoHalf(self.t.permute(*dims))
-
-    def half(self) -> torch.Tensor:
-        return self.t
-
-
 def _deep(compound_prompts_text, fp16_quirk: bool) -> list:
-    return list(compound_prompts_text) if fp16_quirk else [_NoHalf(p) for p in compound_prompts_text]
+    return list(compound_prompts_text) if fp16_quirk else [NoHalf(p) for p in compound_prompts_text]
 
 
 def _released_encode(model, image: torch.Tensor, *, ln_post: bool = True):
@@ -608,9 +583,9 @@ def test_same_setup(backbone, released_clip, inference_on, checkpoint):
     # the released forward pass resized its position embedding in place (AnomalyCLIP.py:366-370)
     pos = released_clip.visual.positional_embedding
     assert _observe("position embedding (bilinear 24 -> 37)",
-                    _maxdiff(pos, backbone.model.visual.positional_embedding)) < 1e-6
+                    max_abs_diff(pos, backbone.model.visual.positional_embedding)) < 1e-6
     native = torch.load(checkpoint, map_location="cpu")["visual.positional_embedding"]
-    assert _maxdiff(pos, resize_position_grid(native, (37, 37), "bilinear")) < 1e-6
+    assert max_abs_diff(pos, resize_position_grid(native, (37, 37), "bilinear")) < 1e-6
 
 
 @pytest.mark.parametrize("which", ["on", "off"])
@@ -619,30 +594,30 @@ def test_inference_matches(which, request):
     r = request.getfixturevalue(f"inference_{which}")
     theirs, out, label = r.theirs, r.out, f"switch {which}:"
     text1 = F.normalize(torch.stack([r.normal, r.abnormal.mean(0)]), dim=-1)
-    assert _observe(f"{label} static text features", _maxdiff(text1, theirs["text1"])) < ATOL
+    assert _observe(f"{label} static text features", max_abs_diff(text1, theirs["text1"])) < ATOL
     (layer, patches), = r.patches.items()
     assert layer == 24
     assert _observe(f"{label} patch tokens, layer 24",
-                    _maxdiff(F.normalize(patches, dim=-1), theirs["patches"])) < ATOL
+                    max_abs_diff(F.normalize(patches, dim=-1), theirs["patches"])) < ATOL
     assert _observe(f"{label} global embedding (normalised)",
-                    _maxdiff(F.normalize(r.glob, dim=-1), theirs["global"])) < ATOL
+                    max_abs_diff(F.normalize(r.glob, dim=-1), theirs["global"])) < ATOL
     assert torch.equal(out["prior_index"], theirs["pk_indx"] if which == "off"
                        else torch.arange(10).expand(len(theirs["pk_indx"]), -1))
-    assert _observe(f"{label} prior ψ(tokens)", _maxdiff(out["prior"], theirs["prior"])) < ATOL
+    assert _observe(f"{label} prior ψ(tokens)", max_abs_diff(out["prior"], theirs["prior"])) < ATOL
     assert float(out["prior"].abs().max()) > 0.05      # the prior is not negligible
     dap = F.normalize(torch.stack([r.normal.expand(len(out["prior"]), -1),
                                    r.ours.dap_abnormal_text(out["prior"]).mean(1)], dim=1), dim=-1)
-    assert _observe(f"{label} DAP text features", _maxdiff(dap, theirs["text2"])) < ATOL
+    assert _observe(f"{label} DAP text features", max_abs_diff(dap, theirs["text2"])) < ATOL
     assert _observe(f"{label} map¹ (static prompts)",
-                    _maxdiff(out["map_static"], theirs["map1"])) < ATOL
-    assert _observe(f"{label} map² (DAP prompts)", _maxdiff(out["map_dap"], theirs["map2"])) < ATOL
-    assert _maxdiff(theirs["map1"], theirs["map2"]) > 100 * ATOL   # the DAP changes the maps
+                    max_abs_diff(out["map_static"], theirs["map1"])) < ATOL
+    assert _observe(f"{label} map² (DAP prompts)", max_abs_diff(out["map_dap"], theirs["map2"])) < ATOL
+    assert max_abs_diff(theirs["map1"], theirs["map2"]) > 100 * ATOL   # the DAP changes the maps
     m1, m2 = out["map_static"], out["map_dap"]
     raw = (m1[:, 1] + 1 - m1[:, 0] + m2[:, 1] + 1 - m2[:, 0]) / 4.0
-    assert _observe(f"{label} anomaly map before smoothing", _maxdiff(raw, theirs["raw"])) < ATOL
-    assert _observe(f"{label} final map (σ = 10)", _maxdiff(r.pred.anomaly_maps, theirs["map"])) \
+    assert _observe(f"{label} anomaly map before smoothing", max_abs_diff(raw, theirs["raw"])) < ATOL
+    assert _observe(f"{label} final map (σ = 10)", max_abs_diff(r.pred.anomaly_maps, theirs["map"])) \
         < ATOL
-    assert _observe(f"{label} image score", _maxdiff(r.pred.image_scores, theirs["score"])) < ATOL
+    assert _observe(f"{label} image score", max_abs_diff(r.pred.image_scores, theirs["score"])) < ATOL
     assert float(theirs["map"].std()) > 1e-4
 
 
@@ -651,11 +626,11 @@ def test_prior_token_switch_matters(inference_on, inference_off):
     idx = inference_off.theirs["pk_indx"]
     assert not torch.equal(idx, torch.arange(10).expand(len(idx), -1))
     _observe("prior, patches 0-9 vs top-10",
-             _maxdiff(inference_on.theirs["prior"], inference_off.theirs["prior"]))
+             max_abs_diff(inference_on.theirs["prior"], inference_off.theirs["prior"]))
     _observe("final map, patches 0-9 vs top-10",
-             _maxdiff(inference_on.theirs["map"], inference_off.theirs["map"]))
+             max_abs_diff(inference_on.theirs["map"], inference_off.theirs["map"]))
     _observe("image score, patches 0-9 vs top-10",
-             _maxdiff(inference_on.theirs["score"], inference_off.theirs["score"]))
+             max_abs_diff(inference_on.theirs["score"], inference_off.theirs["score"]))
 
 
 def test_global_token_without_ln_post(released_clip, images, inference_on):
@@ -669,11 +644,11 @@ def test_global_token_without_ln_post(released_clip, images, inference_on):
         raw = _released_predict(released_clip, r.learner, images, ln_post=False)
         feats = encode_image_vv(backbone, images, start=6, layers=[24])
         no_ln = F.normalize(feats.taps[24][:, 0] @ backbone.model.visual.proj, dim=-1)
-    assert _maxdiff(raw["map"], r.theirs["map"]) == 0.0
+    assert max_abs_diff(raw["map"], r.theirs["map"]) == 0.0
     assert _observe("released global without ln_post vs ours without ln_post",
-                    _maxdiff(raw["global"], no_ln)) < ATOL
+                    max_abs_diff(raw["global"], no_ln)) < ATOL
     _observe("image scores, released without ln_post vs with (issue #14)",
-             _maxdiff(raw["score"], r.theirs["score"]))
+             max_abs_diff(raw["score"], r.theirs["score"]))
 
 
 def test_fp16_deep_token_quirk(released_clip, images, inference_on):
@@ -695,13 +670,13 @@ def test_fp16_deep_token_quirk(released_clip, images, inference_on):
                                  ours.head.deep.start)
         text16 = F.normalize(torch.stack([normal16, abnormal16.mean(0)]), dim=-1)
     assert _observe("static text, released fp16 quirk vs suite on fp16-rounded tokens",
-                    _maxdiff(text16, quirk["text1"])) < ATOL
+                    max_abs_diff(text16, quirk["text1"])) < ATOL
     _observe("static text, released with vs without the fp16 rounding",
-             _maxdiff(quirk["text1"], r.theirs["text1"]))
+             max_abs_diff(quirk["text1"], r.theirs["text1"]))
     _observe("final maps, released with vs without the fp16 rounding",
-             _maxdiff(quirk["map"], r.theirs["map"]))
+             max_abs_diff(quirk["map"], r.theirs["map"]))
     _observe("image scores, released with vs without the fp16 rounding",
-             _maxdiff(quirk["score"], r.theirs["score"]))
+             max_abs_diff(quirk["score"], r.theirs["score"]))
 
 
 def _compare_step(backbone, released_clip, batch, hp: dict, *, intended: bool, label: str):
@@ -715,7 +690,7 @@ def _compare_step(backbone, released_clip, batch, hp: dict, *, intended: bool, l
     theirs = _released_step(released_clip, learner, batch, intended=intended)
     for key, value in theirs.items():
         assert _observe(f"{label} loss {key} ({float(value):.4f}) |diff|",
-                        _maxdiff(mine[key], value)) < ATOL, key
+                        max_abs_diff(mine[key], value)) < ATOL, key
     assert float(theirs["prior"]) > 0 and float(theirs["orthogonal"]) > 0
     grads, worst, worst_step = {}, 0.0, 0.0
     for name, a, b, view in rows:
@@ -723,7 +698,7 @@ def _compare_step(backbone, released_clip, batch, hp: dict, *, intended: bool, l
         g_t = view(b.grad)
         scale = float(g_t.abs().max())
         assert scale > 0, name
-        rel = _maxdiff(a.grad, g_t) / scale
+        rel = max_abs_diff(a.grad, g_t) / scale
         print(f"[released faprompt] {label} grad {name}: |diff| / max |grad| = {rel:.2e}")
         worst = max(worst, rel)
         assert rel < GRAD_RTOL, (name, rel)
@@ -736,7 +711,7 @@ def _compare_step(backbone, released_clip, batch, hp: dict, *, intended: bool, l
         assert float(d.max()) <= 2 * LR * (1 + 1e-3), name
         flipped = int((d > 1e-3 * LR).sum())
         assert flipped <= max(1, d.numel() // 1000), (name, flipped)
-        assert _maxdiff(a, before[name]) > 0.5 * LR, name        # the step moved it
+        assert max_abs_diff(a, before[name]) > 0.5 * LR, name        # the step moved it
     _observe(f"{label} max grad |diff| / max |grad|", worst)
     _observe(f"{label} max Adam step |diff| / lr (|g| >= 1e-3 max |g|)", worst_step)
     return grads
@@ -759,6 +734,6 @@ def test_training_step_switches_off(backbone, released_clip, train_batch, step_o
     probability; and how far the switches move the gradient."""
     off = _compare_step(backbone, released_clip, train_batch, OFF, intended=True,
                         label="step (switches off vs released, intended)")
-    rel = max(_maxdiff(off[k], step_on[k]) / float(step_on[k].abs().max()) for k in step_on)
+    rel = max(max_abs_diff(off[k], step_on[k]) / float(step_on[k].abs().max()) for k in step_on)
     _observe("max |grad off - grad on| / max |grad on| (per tensor)", rel)
     assert rel > 100 * GRAD_RTOL
