@@ -55,7 +55,7 @@ def test_registered_with_paper_settings() -> None:
     assert (hp["hsf"], hp["hsf_clusters"], hp["hsf_alpha"], hp["sigma"]) == ("paper", 20, 0.2, 4.0)
     assert (hp["cls_weight"], hp["seg_weight"], hp["focal_gamma"]) == (1.0, 1.0, 2.0)
     assert hp["mosaic_rate"] == 0.2 and hp["mosaic_datasets"] == ["mvtec"]
-    assert AdaCLIP.released_inputs == {"class_words": "folder", "pos_embed_resize": "open_clip"}
+    assert AdaCLIP.released_inputs == {"class_words": "folder", "pos_embed_resize": "bicubic"}  # released resize_pos_embed: bicubic, no antialias
     assert "cao2024adaclip" in AdaCLIP.bibtex
 
 
