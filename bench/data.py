@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bench.backbone import OPENAI_MEAN, OPENAI_STD
 
@@ -140,16 +140,48 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+class SeededShuffle(Sampler[int]):
+    """The shuffled order of ``DataLoader(shuffle=True, generator=manual_seed(seed))``,
+    iterated epoch after epoch, fixed by the seed and the epoch alone.
+
+    Torch's own loader draws its order from the generator lazily and also spends one draw
+    of it on every ``iter()`` call (the workers' base seed), so the order a method trains on
+    depended on how the loader was iterated: a progress bar that calls ``iter()`` once more
+    (``tqdm.auto`` does) shifted every epoch's permutation, and so did a wrapper that does
+    not. This sampler owns the generator and, when an epoch's first index is taken, draws
+    that epoch's numbers in torch's order (the base-seed draw, the permutation, and the
+    empty remainder's permutation at exhaustion), so the stream of permutations is exactly
+    torch's plain iteration (tested) whatever wraps the loader or calls ``iter()``.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n = int(n)
+        self.generator = torch.Generator()
+        self.generator.manual_seed(int(seed))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = self.generator
+        torch.empty((), dtype=torch.int64).random_(generator=g)  # DataLoader's base seed
+        perm = torch.randperm(self.n, generator=g).tolist()
+        torch.randperm(self.n, generator=g)  # RandomSampler's remainder slice [:0]
+        yield from perm
+
+
 def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool = False, seed: int = 0,
                 num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader whose order depends only on ``seed`` (and not on global RNG state).
+    """A DataLoader whose order depends only on ``seed`` and the epoch: not on global RNG
+    state, nor on how often the loader is wrapped or ``iter()``-ed (:class:`SeededShuffle`).
 
     ``num_workers`` > 0 decodes and resizes in worker processes (the order and the tensors
     are the same as with 0); ``pin_memory`` for fast, non-blocking copies to a GPU.
     """
-    g = torch.Generator()
+    g = torch.Generator()  # the workers' base seeds only; the order is the sampler's
     g.manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g,
+    sampler = SeededShuffle(len(dataset), seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=g,
                       num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory,
                       worker_init_fn=_seed_worker if num_workers else None,
                       persistent_workers=False, prefetch_factor=4 if num_workers else None)

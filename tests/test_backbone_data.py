@@ -139,6 +139,63 @@ def test_dataset_and_seeded_loader(demo_data_root: Path):
     assert ds[int(anomalous)]["mask"].sum() > 0
 
 
+def _epochs(loader, n_epochs: int, wrap=lambda it: it, stop_after: int | None = None):
+    out = []
+    for _ in range(n_epochs):
+        epoch = []
+        for i, batch in enumerate(wrap(loader)):
+            epoch.append(batch[0].tolist() if isinstance(batch, list) else batch["index"].tolist())
+            if stop_after is not None and i + 1 == stop_after:
+                break
+        out.append(epoch)
+    return out
+
+
+def test_training_order_is_torchs_plain_iteration_whatever_wraps_the_loader():
+    """Issue 16: the order must not depend on how the loader is iterated.
+
+    Reference: torch's own ``DataLoader(shuffle=True, generator=manual_seed(seed))``
+    iterated plainly. ``tqdm.auto`` (the runner's progress bar) calls ``iter()`` one extra
+    time, which shifted every permutation of torch's loader; the runner's DeviceLoader does
+    not — so the order once depended on the progress bar.
+    """
+    from torch.utils.data import DataLoader, TensorDataset
+    from tqdm.auto import tqdm
+
+    from bench.data import DeviceLoader
+
+    class Indexed(TensorDataset):
+        def __getitem__(self, i):
+            return {"index": i}
+
+    ds = Indexed(torch.arange(37))
+    g = torch.Generator().manual_seed(5)
+    reference = _epochs(DataLoader(ds, batch_size=8, shuffle=True, generator=g,
+                                   collate_fn=collate), 3)
+    g = torch.Generator().manual_seed(5)
+    torch_with_bar = _epochs(DataLoader(ds, batch_size=8, shuffle=True, generator=g,
+                                        collate_fn=collate), 3, lambda it: tqdm(it, disable=True))
+    assert torch_with_bar != reference  # the trap: torch's loader under tqdm.auto reorders
+
+    def ours():
+        return make_loader(ds, batch_size=8, shuffle=True, seed=5)
+
+    assert _epochs(ours(), 3) == reference
+    assert _epochs(ours(), 3, lambda it: tqdm(it, disable=True)) == reference
+    assert _epochs(DeviceLoader(ours(), "cpu"), 3) == reference
+    loader = ours()
+    for _ in range(4):  # iterators made and dropped unused draw nothing
+        iter(loader)
+    assert _epochs(loader, 3) == reference
+    # an epoch stopped early does not shift the next epoch's permutation
+    partial = _epochs(ours(), 3, stop_after=2)
+    assert [e[:2] for e in reference] == partial
+    shortened = ours()
+    _epochs(shortened, 1, stop_after=1)
+    assert _epochs(shortened, 2) == reference[1:]
+    assert sorted(sum(reference[0], [])) == list(range(37))
+
+
 # -- manifests ------------------------------------------------------------------------
 
 def _row(**kw):
