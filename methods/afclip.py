@@ -390,7 +390,7 @@ class AFCLIP(Method):
         params = [p for p in self.head.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=float(hp["lr"]), betas=tuple(hp["betas"]))
         self.head.train()
-        for _ in range(int(epochs or hp["epochs"])):
+        for _ in range(int(hp["epochs"] if epochs is None else epochs)):
             for batch in progress(aux_loader):
                 loss = self.losses(batch)["total"]
                 opt.zero_grad()

@@ -244,7 +244,7 @@ class PromptMethodBase(Method):
         self.head.train()
         self.losses: list[float] = []
         try:
-            for _ in range(int(epochs or hp["epochs"])):
+            for _ in range(int(hp["epochs"] if epochs is None else epochs)):
                 for batch in progress(aux_loader):
                     loss = self.training_loss(batch)
                     opt.zero_grad()

@@ -167,7 +167,7 @@ class VAND(Method):
                         exclude=hp["mosaic_exclude"])
         opt = torch.optim.Adam(self.head.parameters(), lr=float(hp["lr"]), betas=tuple(hp["betas"]))
         self.head.train()
-        for _ in range(int(epochs or hp["epochs"])):
+        for _ in range(int(hp["epochs"] if epochs is None else epochs)):
             for batch in progress(aux_loader):
                 batch = mosaic(batch)
                 images = batch["image"].to(dev)
