@@ -379,8 +379,9 @@ class Runner:
         cls = METHODS.get(method)
         scale = float(self.proto.run.get("epochs_scale", 1.0))
         if cls.trains and scale != 1.0:
-            base = hp.get("epochs", cls.default_hparams.get("epochs", 1))
-            hp["epochs"] = max(1, round(base * scale))
+            for key in cls.epoch_hparams:  # e.g. AA-CLIP's two stages
+                base = hp.get(key, cls.default_hparams.get(key, 1))
+                hp[key] = max(1, round(base * scale))
         return hp
 
     # -- running ---------------------------------------------------------------------

@@ -364,6 +364,7 @@ class AACLIP(Method):
     #: (``REAL_NAMES``), never folder ids — closest to "readable" (``class_names`` above).
     #: Its GELU on OpenAI's weights is a bug, not a setting (``[backbones.aaclip] activation``).
     released_inputs = {"pos_embed_resize": "open_clip", "class_words": "readable"}
+    epoch_hparams = ("epochs", "text_epochs")  # [run] epochs_scale scales both stages
 
     def __init__(self, backbone: Any, **hparams: Any) -> None:
         super().__init__(backbone, **hparams)

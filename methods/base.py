@@ -88,6 +88,8 @@ class Method:
     paper: ClassVar[str] = ""
     bibtex: ClassVar[str] = ""
     default_hparams: ClassVar[dict[str, Any]] = {}
+    #: hyperparameters counted in epochs: ``[run] epochs_scale`` multiplies each of them
+    epoch_hparams: ClassVar[tuple[str, ...]] = ("epochs",)
     released_inputs: ClassVar[dict[str, str]] = {}
 
     def __init__(self, backbone: Any, **hparams: Any) -> None:

@@ -1,8 +1,7 @@
 """``fit(epochs=0)`` trains nothing: 0 is a number of epochs, not "use the paper's default".
 
 The fit loops once read ``epochs or hp["epochs"]``, so an explicit 0 (a protocol's
-``[hparams.<m>] epochs = 0``, or ``epochs_scale`` rounding to 0) silently trained for the
-paper's full budget.
+``[hparams.<m>] epochs = 0``) silently trained for the paper's full budget.
 """
 
 from __future__ import annotations

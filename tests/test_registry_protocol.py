@@ -167,3 +167,20 @@ def test_digest_ignores_resources_and_scheduling(tmp_path: Path):
     assert b.run["slurm"]["partition"] == "gpu" and a.digest() == b.digest()
     (tmp_path / "c.toml").write_text(text.replace("[run]\n", '[run]\nprecision = "bf16"\n'))
     assert protocol.load(tmp_path / "c.toml").digest() != a.digest()   # numbers may change
+
+
+def test_epochs_scale_scales_every_epoch_count(tmp_path: Path):
+    """``[run] epochs_scale`` multiplies each hyperparameter a method counts in epochs:
+    AA-CLIP's text stage (``text_epochs``) as well as its image stage."""
+    from bench.runner import Runner
+
+    p = write_protocol(tmp_path / "p.toml", extra="[hparams.vand]\nepochs = 18\n")
+    p.write_text(p.read_text().replace("[run]\n", "[run]\nepochs_scale = 0.5\n"))
+    runner = Runner(protocol.load(p), tmp_path / "R", tmp_path / "data", progress=False)
+    aaclip = METHODS.get("aaclip").default_hparams
+    hp = runner.hparams("aaclip", "demo_aux")
+    assert (hp["epochs"], hp["text_epochs"]) == (round(aaclip["epochs"] * 0.5),
+                                                 max(1, round(aaclip["text_epochs"] * 0.5)))
+    assert runner.hparams("vand", "demo_aux")["epochs"] == 9          # the protocol's 18, halved
+    assert runner.hparams("tokenclip", "demo_aux")["epochs"] == 15     # the paper's 30, halved
+    assert "epochs" not in runner.hparams("clip", "demo_aux")          # training-free: untouched
