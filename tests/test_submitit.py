@@ -7,6 +7,7 @@ equal those of a single-process run.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,13 @@ def test_submitit_local_tasks_with_dependency_and_resume(tmp_path: Path, demo_da
             continue
         out = h.result()                             # raises if a task failed
         assert out["jobs"] == 1
+    # a resubmission skips a task whose process is still shutting down ("running"): resume
+    # once the cancelled process has ended, as after a crash (on a loaded machine the SIGINT
+    # can take seconds to end a process still importing torch)
+    deadline = time.monotonic() + 120
+    while not handles[victim].done() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert handles[victim].done()
     store = results.ResultStore(tmp_path / "slurm_run")
     unfinished = {j.id for j in jobs if any(j.unit(t) not in store.done_units() for t in j.targets)}
     assert unfinished <= {victim}
