@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 import sys
 import types
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +28,41 @@ NARROW_VITL_336: dict[str, Any] = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2,
                  "layers": 12},
 }
+
+
+def how_to(var: str, repo: str, test_file: str, extra: str = "") -> str:
+    """The skip message's recipe: the variable to set, the repository, the command to run."""
+    checkout = f"/tmp/{repo.rsplit('/', 1)[-1]}"
+    return (f"set {var} to a checkout of https://github.com/{repo} (e.g. `git clone "
+            f"https://github.com/{repo} {checkout}`){extra}, then run `{var}={checkout} "
+            f"pytest --runslow {test_file}` — see this file's docstring")
+
+
+def released_checkout(var: str, label: str, recipe: str,
+                      importer: Callable[[Path], Any]) -> tuple[Path, Any]:
+    """(checkout, imported modules) of the released code ``$var`` points to; skips the whole
+    test module, saying how to run it, when the variable is unset or the import fails."""
+    import pytest
+
+    src = os.environ.get(var)
+    if not src:
+        pytest.skip(f"{var} is not set: {recipe}", allow_module_level=True)
+    path = Path(src).expanduser()
+    try:
+        return path, importer(path)
+    except Exception as err:  # noqa: BLE001 - any import failure means "not available here"
+        pytest.skip(f"the released {label} code is not importable from {src} "
+                    f"({type(err).__name__}: {err}); {recipe}", allow_module_level=True)
+
+
+def thop_stub() -> dict[str, types.ModuleType]:
+    """``{"thop": stub}`` where thop is missing (AnomalyCLIP_lib imports ``thop.profile``
+    and never calls it), else ``{}``."""
+    if importlib.util.find_spec("thop") is not None:
+        return {}
+    stub = types.ModuleType("thop")
+    stub.profile = None
+    return {"thop": stub}
 
 
 def pkg_resources_stub() -> dict[str, types.ModuleType]:

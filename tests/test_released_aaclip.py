@@ -97,7 +97,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
-import os
 import types
 from pathlib import Path
 
@@ -107,19 +106,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.released_code import (
+    how_to,
     isolated_import,
     max_abs_diff,
     observer,
     pkg_resources_stub,
     random_native_checkpoint,
+    released_checkout,
 )
 
 pytestmark = pytest.mark.slow
 
-HOW_TO = ("set AACLIP_SRC to a checkout of https://github.com/Mwxinnn/AA-CLIP (e.g. "
-          "`git clone https://github.com/Mwxinnn/AA-CLIP /tmp/AA-CLIP`), then run "
-          "`AACLIP_SRC=/tmp/AA-CLIP pytest --runslow tests/test_released_aaclip.py`"
-          " — see this file's docstring")
+HOW_TO = how_to("AACLIP_SRC", "Mwxinnn/AA-CLIP", "tests/test_released_aaclip.py")
 #: top-level names the released code imports absolutely
 RELEASED_MODULES = ("model", "dataset", "forward_utils", "utils")
 HAS_KORNIA = importlib.util.find_spec("kornia") is not None
@@ -168,14 +166,7 @@ def _import_released(src: Path) -> types.SimpleNamespace:
         )
 
 
-SRC = os.environ.get("AACLIP_SRC")
-if not SRC:
-    pytest.skip(f"AACLIP_SRC is not set: {HOW_TO}", allow_module_level=True)
-try:
-    released = _import_released(Path(SRC).expanduser())
-except Exception as err:  # noqa: BLE001 - any import failure means "not available here"
-    pytest.skip(f"the released AA-CLIP code is not importable from {SRC} "
-                f"({type(err).__name__}: {err}); {HOW_TO}", allow_module_level=True)
+SRC, released = released_checkout("AACLIP_SRC", "AA-CLIP", HOW_TO, _import_released)
 
 ATOL = 1e-4
 GRAD_RTOL = 1e-4

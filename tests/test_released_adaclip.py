@@ -124,19 +124,18 @@ import torch.nn.functional as F
 from tests.released_code import (
     NARROW_VITL_336,
     NoHalf,
+    how_to,
     isolated_import,
     max_abs_diff,
     observer,
     pkg_resources_stub,
     random_native_checkpoint,
+    released_checkout,
 )
 
 pytestmark = pytest.mark.slow
 
-HOW_TO = ("set ADACLIP_SRC to a checkout of https://github.com/caoyunkang/AdaCLIP (e.g. "
-          "`git clone https://github.com/caoyunkang/AdaCLIP /tmp/AdaCLIP`), then run "
-          "`ADACLIP_SRC=/tmp/AdaCLIP pytest --runslow tests/test_released_adaclip.py`"
-          " — see this file's docstring")
+HOW_TO = how_to("ADACLIP_SRC", "caoyunkang/AdaCLIP", "tests/test_released_adaclip.py")
 #: top-level names the released code imports absolutely (``tools`` is stubbed)
 RELEASED_MODULES = ("method", "loss", "tools")
 
@@ -214,14 +213,7 @@ def _import_released(src: Path) -> types.SimpleNamespace:
         )
 
 
-SRC = os.environ.get("ADACLIP_SRC")
-if not SRC:
-    pytest.skip(f"ADACLIP_SRC is not set: {HOW_TO}", allow_module_level=True)
-try:
-    released = _import_released(Path(SRC).expanduser())
-except Exception as err:  # noqa: BLE001 - any import failure means "not available here"
-    pytest.skip(f"the released AdaCLIP code is not importable from {SRC} "
-                f"({type(err).__name__}: {err}); {HOW_TO}", allow_module_level=True)
+SRC, released = released_checkout("ADACLIP_SRC", "AdaCLIP", HOW_TO, _import_released)
 
 ATOL = 1e-4
 GRAD_RTOL = 1e-4

@@ -87,7 +87,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 import types
 from pathlib import Path
@@ -99,19 +98,19 @@ import torch.nn.functional as F
 
 from tests.released_code import (
     NARROW_VITL_336,
+    how_to,
     isolated_import,
     max_abs_diff,
     observer,
     pkg_resources_stub,
     random_native_checkpoint,
+    released_checkout,
 )
 
 pytestmark = pytest.mark.slow
 
-HOW_TO = ("set AFCLIP_SRC to a checkout of https://github.com/Faustinaqq/AF-CLIP (e.g. "
-          "`git clone https://github.com/Faustinaqq/AF-CLIP /tmp/AF-CLIP`), make `einops` "
-          "importable, then run `AFCLIP_SRC=/tmp/AF-CLIP pytest --runslow "
-          "tests/test_released_afclip.py` — see this file's docstring")
+HOW_TO = how_to("AFCLIP_SRC", "Faustinaqq/AF-CLIP", "tests/test_released_afclip.py",
+                ", make `einops` importable")
 #: top-level names the released code imports absolutely (``clip.model`` imports
 #: ``clip.adaptor``, ``main.py`` imports ``clip.clip``, ``dataset``, ``util.utils``)
 RELEASED_MODULES = ("clip", "dataset", "util")
@@ -140,14 +139,7 @@ def _import_released(src: Path) -> types.SimpleNamespace:
         return types.SimpleNamespace(main=main, model=sys.modules["clip.model"],
                                      clip=sys.modules["clip.clip"])
 
-SRC = os.environ.get("AFCLIP_SRC")
-if not SRC:
-    pytest.skip(f"AFCLIP_SRC is not set: {HOW_TO}", allow_module_level=True)
-try:
-    released = _import_released(Path(SRC).expanduser())
-except Exception as err:  # noqa: BLE001 - any import failure means "not available here"
-    pytest.skip(f"the released AF-CLIP code is not importable from {SRC} "
-                f"({type(err).__name__}: {err}); {HOW_TO}", allow_module_level=True)
+SRC, released = released_checkout("AFCLIP_SRC", "AF-CLIP", HOW_TO, _import_released)
 
 ATOL = 1e-4
 GRAD_RTOL = 1e-4

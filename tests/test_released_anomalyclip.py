@@ -85,28 +85,26 @@ import torch.nn.functional as F
 from tests.released_code import (
     NARROW_VITL_336,
     NoHalf,
+    how_to,
     isolated_import,
     max_abs_diff,
     observer,
     pkg_resources_stub,
     random_native_checkpoint,
+    released_checkout,
+    thop_stub,
 )
 
 pytestmark = pytest.mark.slow
 
-HOW_TO = ("set ANOMALYCLIP_SRC to a checkout of https://github.com/zqhang/AnomalyCLIP (e.g. "
-          "`git clone https://github.com/zqhang/AnomalyCLIP /tmp/AnomalyCLIP`), then run "
-          "`ANOMALYCLIP_SRC=/tmp/AnomalyCLIP pytest --runslow tests/test_released_anomalyclip.py`"
-          " — see this file's docstring")
+HOW_TO = how_to("ANOMALYCLIP_SRC", "zqhang/AnomalyCLIP", "tests/test_released_anomalyclip.py")
 RELEASED_MODULES = ("AnomalyCLIP_lib", "prompt_ensemble", "loss")
 
 
 def _stub_modules() -> dict[str, types.ModuleType]:
     """Stand-ins for the released code's import-only dependencies that are missing here."""
     stubs: dict[str, types.ModuleType] = {}
-    if importlib.util.find_spec("thop") is None:          # AnomalyCLIP.py:393, never called
-        stubs["thop"] = types.ModuleType("thop")
-        stubs["thop"].profile = None
+    stubs.update(thop_stub())                              # AnomalyCLIP.py:393, never called
     stubs.update(pkg_resources_stub())                     # model_load.py:6, prompt_ensemble.py:3
     return stubs
 
@@ -125,14 +123,7 @@ def _import_released(src: Path) -> types.SimpleNamespace:
             loss=importlib.import_module("loss"),
         )
 
-SRC = os.environ.get("ANOMALYCLIP_SRC")
-if not SRC:
-    pytest.skip(f"ANOMALYCLIP_SRC is not set: {HOW_TO}", allow_module_level=True)
-try:
-    released = _import_released(Path(SRC).expanduser())
-except Exception as err:  # noqa: BLE001 - any import failure means "not available here"
-    pytest.skip(f"the released AnomalyCLIP code is not importable from {SRC} "
-                f"({type(err).__name__}: {err}); {HOW_TO}", allow_module_level=True)
+SRC, released = released_checkout("ANOMALYCLIP_SRC", "AnomalyCLIP", HOW_TO, _import_released)
 
 ATOL = 1e-4
 GRAD_RTOL = 1e-4

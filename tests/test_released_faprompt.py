@@ -107,7 +107,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import types
 from pathlib import Path
 
@@ -118,19 +117,19 @@ import torch.nn.functional as F
 from tests.released_code import (
     NARROW_VITL_336,
     NoHalf,
+    how_to,
     isolated_import,
     max_abs_diff,
     observer,
     pkg_resources_stub,
     random_native_checkpoint,
+    released_checkout,
+    thop_stub,
 )
 
 pytestmark = pytest.mark.slow
 
-HOW_TO = ("set FAPROMPT_SRC to a checkout of https://github.com/mala-lab/FAPrompt (e.g. "
-          "`git clone https://github.com/mala-lab/FAPrompt /tmp/FAPrompt`), then run "
-          "`FAPROMPT_SRC=/tmp/FAPrompt pytest --runslow tests/test_released_faprompt.py`"
-          " — see this file's docstring")
+HOW_TO = how_to("FAPROMPT_SRC", "mala-lab/FAPrompt", "tests/test_released_faprompt.py")
 #: top-level names the released code imports absolutely
 RELEASED_MODULES = ("AnomalyCLIP_lib", "FAPrompt", "loss")
 
@@ -138,9 +137,7 @@ RELEASED_MODULES = ("AnomalyCLIP_lib", "FAPrompt", "loss")
 def _stub_modules() -> dict[str, types.ModuleType]:
     """Stand-ins for the released code's import-only dependencies that are missing here."""
     stubs: dict[str, types.ModuleType] = {}
-    if importlib.util.find_spec("thop") is None:          # AnomalyCLIP.py:392, never called
-        stubs["thop"] = types.ModuleType("thop")
-        stubs["thop"].profile = None
+    stubs.update(thop_stub())                              # AnomalyCLIP.py:392, never called
     if importlib.util.find_spec("iopath") is None:        # model_load.py:14, only load() uses it
         names = ("iopath", "iopath.common", "iopath.common.file_io")
         mods = {n: types.ModuleType(n) for n in names}
@@ -168,14 +165,7 @@ def _import_released(src: Path) -> types.SimpleNamespace:
             loss=importlib.import_module("loss"),
         )
 
-SRC = os.environ.get("FAPROMPT_SRC")
-if not SRC:
-    pytest.skip(f"FAPROMPT_SRC is not set: {HOW_TO}", allow_module_level=True)
-try:
-    released = _import_released(Path(SRC).expanduser())
-except Exception as err:  # noqa: BLE001 - any import failure means "not available here"
-    pytest.skip(f"the released FAPrompt code is not importable from {SRC} "
-                f"({type(err).__name__}: {err}); {HOW_TO}", allow_module_level=True)
+SRC, released = released_checkout("FAPROMPT_SRC", "FAPrompt", HOW_TO, _import_released)
 
 ATOL = 1e-4
 GRAD_RTOL = 1e-4
