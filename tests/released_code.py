@@ -55,6 +55,15 @@ def released_checkout(var: str, label: str, recipe: str,
                     f"({type(err).__name__}: {err}); {recipe}", allow_module_level=True)
 
 
+def assert_restated(src: Path, restated: Sequence[tuple[str, str]]) -> None:
+    """Every (file, line) a test restates from the released code is still in ``src`` (verbatim,
+    or with the file's lines joined by single spaces for statements split over lines)."""
+    for file, line in restated:
+        text = (Path(src) / file).read_text()
+        joined = " ".join(x.strip() for x in text.splitlines())
+        assert line in text or line in joined, f"{file} no longer contains: {line}"
+
+
 def thop_stub() -> dict[str, types.ModuleType]:
     """``{"thop": stub}`` where thop is missing (AnomalyCLIP_lib imports ``thop.profile``
     and never calls it), else ``{}``."""

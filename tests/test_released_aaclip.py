@@ -106,6 +106,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.released_code import (
+    assert_restated,
     how_to,
     isolated_import,
     max_abs_diff,
@@ -437,11 +438,7 @@ def clip_surgery(checkpoint, clip_model):
 # -- tests -------------------------------------------------------------------------------------
 
 def test_restated_lines_match_release():
-    src = Path(SRC).expanduser()
-    for file, line in RESTATED:
-        text = (src / file).read_text()
-        joined = " ".join(x.strip() for x in text.splitlines())
-        assert line in text or line in joined, f"{file} no longer contains: {line}"
+    assert_restated(Path(SRC).expanduser(), RESTATED)
 
 
 def test_same_setup(backbone, clip_model):

@@ -117,6 +117,7 @@ import torch.nn.functional as F
 from tests.released_code import (
     NARROW_VITL_336,
     NoHalf,
+    assert_restated,
     how_to,
     isolated_import,
     max_abs_diff,
@@ -531,11 +532,7 @@ def train_batch() -> dict[str, torch.Tensor]:
 # -- tests -------------------------------------------------------------------------------------
 
 def test_restated_lines_match_release():
-    src = Path(SRC).expanduser()
-    for file, line in RESTATED:
-        text = (src / file).read_text()
-        joined = " ".join(x.strip() for x in text.splitlines())
-        assert line in text or line in joined, f"{file} no longer contains: {line}"
+    assert_restated(Path(SRC).expanduser(), RESTATED)
 
 
 def test_same_setup(backbone, released_clip, inference_on, checkpoint):
