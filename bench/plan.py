@@ -236,9 +236,8 @@ def make_plan(proto: protocol_mod.Protocol, *, results_dir: str | Path | None = 
 def _epochs(proto: protocol_mod.Protocol, method: str, aux: str) -> int:
     from bench.registry import METHODS
 
-    hp = proto.hparams_for(method, aux)
-    base = hp.get("epochs", METHODS.get(method).default_hparams.get("epochs", 1))
-    return max(1, round(float(base) * float(proto.run.get("epochs_scale", 1.0))))
+    hp = proto.training_hparams(method, aux)
+    return max(1, int(hp.get("epochs", METHODS.get(method).default_hparams.get("epochs", 1))))
 
 
 def _device_hours(proto, planned, sizes, backbones, results_dir) -> tuple[dict[str, float] | None, str]:

@@ -179,6 +179,20 @@ class Protocol:
                 break
         return hp
 
+    def training_hparams(self, method: str, aux: str) -> dict[str, Any]:
+        """:meth:`hparams_for` with ``[run] epochs_scale`` applied to every hyperparameter the
+        method counts in epochs (``Method.epoch_hparams``; the class default where unset)."""
+        from bench.registry import METHODS
+
+        hp = self.hparams_for(method, aux)
+        cls = METHODS.get(method)
+        scale = float(self.run.get("epochs_scale", 1.0))
+        if cls.trains and scale != 1.0:
+            for key in cls.epoch_hparams:  # e.g. AA-CLIP's two stages
+                base = hp.get(key, cls.default_hparams.get(key, 1))
+                hp[key] = max(1, round(base * scale))
+        return hp
+
     def digest(self) -> str:
         """A content hash of the settings that change a job's numbers (not which jobs run)."""
         d = asdict(self)

@@ -375,14 +375,7 @@ class Runner:
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
     def hparams(self, method: str, aux: str) -> dict[str, Any]:
-        hp = self.proto.hparams_for(method, aux)
-        cls = METHODS.get(method)
-        scale = float(self.proto.run.get("epochs_scale", 1.0))
-        if cls.trains and scale != 1.0:
-            for key in cls.epoch_hparams:  # e.g. AA-CLIP's two stages
-                base = hp.get(key, cls.default_hparams.get(key, 1))
-                hp[key] = max(1, round(base * scale))
-        return hp
+        return self.proto.training_hparams(method, aux)
 
     # -- running ---------------------------------------------------------------------
     def pending(self, jobs: list[Job]) -> list[Job]:
