@@ -17,11 +17,17 @@ VisA's multi-valued masks), then resized to ``image_size``² by ``mask_resize``:
 ``examples/mask_resize.py`` measures the differences (docs/methods.md, "Inputs").
 
 Images without a mask get an all-zero mask.
+
+Decoding is the same work every epoch, seed and method: :class:`DecodedCache` keeps the
+tensors a process has decoded (images and masks, keyed by file and preprocessing) within a
+byte budget, so a worker that loads in-process decodes each file once. The tensors are
+those of a fresh decode (the cache returns copies), so numbers do not depend on it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +90,49 @@ def resize_mask(mask: np.ndarray, image_size: int, rule: str = "bilinear") -> to
     return torch.from_numpy(np.asarray(im) > 127).float()  # 128/255 > 0.5 >= 127/255
 
 
+class DecodedCache:
+    """Decoded image and mask tensors of one process, least recently used first out.
+
+    ``max_bytes`` bounds the tensors kept (0 keeps nothing). :meth:`get` returns a copy of
+    the cached tensor, so a caller that writes into what it got cannot change a later
+    epoch's input. Useful where decoding runs in the training process (``[run]
+    loader_workers = 0``, the CPU default); DataLoader worker processes would each start
+    an empty one every epoch.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max(0, int(max_bytes))
+        self._items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def get(self, key: tuple, load: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The tensor ``load()`` returns for ``key``, decoded once while it stays cached."""
+        t = self._items.get(key)
+        if t is not None:
+            self._items.move_to_end(key)
+            self.hits += 1
+            return t.clone()
+        self.misses += 1
+        t = load()
+        size = t.element_size() * t.nelement()
+        if size <= self.max_bytes:
+            self._items[key] = t.clone()
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.element_size() * old.nelement()
+        return t
+
+
 class ManifestDataset(Dataset):
     """A torch Dataset over manifest rows.
 
@@ -94,7 +143,8 @@ class ManifestDataset(Dataset):
     def __init__(self, manifest: pd.DataFrame, root: str | Path, image_size: int, *,
                  mask_threshold: int = DEFAULT_MASK_THRESHOLD, mask_resize: str = "bilinear",
                  prompt_names: dict[str, str] | None = None,
-                 mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD) -> None:
+                 mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD,
+                 cache: DecodedCache | None = None) -> None:
         self.rows = manifest.reset_index(drop=True)
         self.root = Path(root)
         self.image_size = int(image_size)
@@ -104,17 +154,35 @@ class ManifestDataset(Dataset):
         self.mask_resize = mask_resize
         self.prompt_names = prompt_names or {}
         self.mean, self.std = mean, std
+        self.cache = cache
+
+    def _load(self, path: Path, params: tuple, load: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``load()``, through the cache when there is one (keyed by the file's path, size and
+        modification time and the preprocessing ``params``)."""
+        if self.cache is None:
+            return load()
+        try:
+            st = path.stat()
+        except OSError:
+            return load()  # raises the DataError that names the file
+        return self.cache.get((str(path), st.st_size, st.st_mtime_ns, *params), load)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         r = self.rows.iloc[i]
-        image = load_image(self.root / r["image"], self.image_size, self.mean, self.std)
+        image_path = self.root / r["image"]
+        image = self._load(
+            image_path, ("image", self.image_size, tuple(self.mean), tuple(self.std)),
+            lambda: load_image(image_path, self.image_size, self.mean, self.std))
         mask_rel = r["mask"]
         if isinstance(mask_rel, str) and mask_rel:
-            mask = load_mask(self.root / mask_rel, self.image_size, self.mask_threshold,
-                             self.mask_resize)
+            mask_path = self.root / mask_rel
+            mask = self._load(
+                mask_path, ("mask", self.image_size, self.mask_threshold, self.mask_resize),
+                lambda: load_mask(mask_path, self.image_size, self.mask_threshold,
+                                  self.mask_resize))
         else:
             mask = torch.zeros(self.image_size, self.image_size)
         cat = str(r["category"])

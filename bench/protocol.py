@@ -66,7 +66,7 @@ PROTOCOL_DIR = Path(__file__).parent / "protocols"
 TOY_PRETRAINED = "zsad-toy"
 #: ``[run]`` keys that do not change a job's numbers (resources, scheduling): not in the digest
 RUN_KEYS_NOT_HASHED = ("slurm", "claim_stale_minutes", "loader_workers", "feature_cache_dir",
-                       "feature_cache_gb")
+                       "feature_cache_gb", "decoded_cache_mb")
 #: ``class_words`` values: the adapter's readable prompt name, or the dataset's folder id verbatim.
 CLASS_WORDS = ("readable", "folder")
 #: The settings a method's released code fixes and a protocol may override (see module docstring).

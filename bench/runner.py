@@ -12,6 +12,7 @@ run gives.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -35,6 +36,7 @@ from bench.backbone import ClipBackbone, load_clip
 from bench.data import (
     DEFAULT_MASK_THRESHOLD,
     MASK_RESIZES,
+    DecodedCache,
     DeviceLoader,
     ManifestDataset,
     collate,
@@ -49,6 +51,8 @@ log = logging.getLogger("zsad_bench")
 GALLERY_SIZE = 96  # pixels of the maps kept for the report's gallery
 #: ``[run] precision`` values -> autocast dtype (None: no autocast)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: default ``[run] decoded_cache_mb`` where images are decoded in the training process
+DECODED_CACHE_MB = 1024
 
 
 class RunError(RuntimeError):
@@ -131,16 +135,18 @@ class DatasetHandle:
         return int(getattr(self.adapter, "mask_threshold", DEFAULT_MASK_THRESHOLD))
 
     def torch_dataset(self, rows: pd.DataFrame, image_size: int,
-                      class_words: str = "readable", mask_resize: str = "bilinear") -> ManifestDataset:
+                      class_words: str = "readable", mask_resize: str = "bilinear",
+                      cache: DecodedCache | None = None) -> ManifestDataset:
         """``class_words``: ``"readable"`` (the adapter's prompt name, "metal nut") or
-        ``"folder"`` (the category's folder id verbatim, "metal_nut"), per method."""
+        ``"folder"`` (the category's folder id verbatim, "metal_nut"), per method;
+        ``cache``: the process's decoded tensors (:class:`bench.data.DecodedCache`)."""
         if class_words not in protocol_mod.CLASS_WORDS:
             raise RunError(f"class_words must be one of {protocol_mod.CLASS_WORDS}, not {class_words!r}")
         cats = rows["category"].unique()
         names = ({c: self.adapter.prompt_name(c) for c in cats} if class_words == "readable"
                  else {str(c): str(c) for c in cats})
         return ManifestDataset(rows, self.root, image_size, mask_threshold=self.mask_threshold,
-                               mask_resize=mask_resize, prompt_names=names)
+                               mask_resize=mask_resize, prompt_names=names, cache=cache)
 
 
 def dataset_root(proto: protocol_mod.Protocol, name: str, data_root: Path) -> Path:
@@ -308,6 +314,16 @@ class Runner:
         workers = int(self.proto.run.get("loader_workers", default))
         return {"num_workers": max(0, workers), "pin_memory": cuda}
 
+    @functools.cached_property
+    def decoded_cache(self) -> DecodedCache | None:
+        """``[run] decoded_cache_mb``: decoded images and masks this process keeps for later
+        epochs, seeds and methods (:class:`bench.data.DecodedCache`; same tensors as a fresh
+        decode). Default: ``DECODED_CACHE_MB`` where the loader decodes in this process
+        (``loader_workers = 0``, the CPU default), none where worker processes decode."""
+        in_process = self.loader_options(self.device)["num_workers"] == 0
+        mb = float(self.proto.run.get("decoded_cache_mb", DECODED_CACHE_MB if in_process else 0))
+        return DecodedCache(int(mb * 2**20)) if mb > 0 else None
+
     def autocast(self, device: torch.device | str):
         """``[run] precision``: "fp32" (default: the papers' numbers are fp32 unless a paper
         says otherwise) or "bf16"/"fp16" mixed precision (torch.autocast)."""
@@ -371,7 +387,8 @@ class Runner:
         for name in protocol_mod.aux_parts(aux):
             handle = self.dataset(name)
             rows = handle.manifest[handle.manifest["split"] == "test"]
-            parts.append(handle.torch_dataset(rows, image_size, class_words, self.mask_resize))
+            parts.append(handle.torch_dataset(rows, image_size, class_words, self.mask_resize,
+                                              self.decoded_cache))
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
     def hparams(self, method: str, aux: str) -> dict[str, Any]:
@@ -524,9 +541,11 @@ class Runner:
                 support = self.support_rows(target, category, job)
                 if support is None:
                     continue
-                ds_support = target.torch_dataset(support, bb.image_size, words, self.mask_resize)
+                ds_support = target.torch_dataset(support, bb.image_size, words, self.mask_resize,
+                                                  self.decoded_cache)
                 method.set_support(collate([ds_support[i] for i in range(len(ds_support))]))
-            ds = target.torch_dataset(rows, bb.image_size, words, self.mask_resize)
+            ds = target.torch_dataset(rows, bb.image_size, words, self.mask_resize,
+                                      self.decoded_cache)
             loader = make_loader(ds, batch_size=bs, shuffle=False, **self.loader_options(bb.device))
             scores, maps, labels, masks = [], [], [], []
             it = _progress(self.progress and self.bars)(loader, desc=f"{job.method} {target.name}/{category}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 
 from bench import manifest as mf
 from bench.backbone import OPENAI_MEAN, OPENAI_STD, BackboneError, load_clip
-from bench.data import ManifestDataset, collate, load_image, load_mask, make_loader
+from bench.data import DecodedCache, ManifestDataset, collate, load_image, load_mask, make_loader
 from bench.registry import METHODS
 from methods.base import check_method
 
@@ -137,6 +138,65 @@ def test_dataset_and_seeded_loader(demo_data_root: Path):
     assert batch["image"].shape == (2, 3, 32, 32) and isinstance(batch["category"], list)
     anomalous = df.index[df["label"] == 1][0]
     assert ds[int(anomalous)]["mask"].sum() > 0
+
+
+def test_decoded_cache_gives_a_fresh_decodes_tensors_and_decodes_once(demo_data_root: Path):
+    from bench.registry import get_adapter
+
+    df = get_adapter("demo_aux").scan(demo_data_root / "demo_aux")
+    root = demo_data_root / "demo_aux"
+    plain = ManifestDataset(df, root, 32)
+    cache = DecodedCache(1 << 30)
+    cached = ManifestDataset(df, root, 32, cache=cache)
+    n_masks = int((df["mask"].fillna("") != "").sum())
+    for epoch in range(2):
+        for a, b in zip(make_loader(plain, batch_size=8, shuffle=True, seed=epoch),
+                        make_loader(cached, batch_size=8, shuffle=True, seed=epoch), strict=True):
+            assert a["path"] == b["path"]
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    # every image and mask decoded once, read from the cache in the second epoch
+    assert cache.misses == len(df) + n_masks and cache.hits == len(df) + n_masks
+    # what a caller gets is its own copy: writing into it changes no later read
+    item = cached[0]
+    item["image"].zero_()
+    assert torch.equal(cached[0]["image"], plain[0]["image"])
+    # another preprocessing of the same file is another entry
+    assert ManifestDataset(df, root, 16, cache=cache)[0]["image"].shape == (3, 16, 16)
+
+
+def test_decoded_cache_budget_and_changed_files(tmp_path: Path):
+    def write(name: str, value: int) -> None:
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(tmp_path / name)
+
+    for i, name in enumerate(["a.bmp", "b.bmp", "c.bmp"]):  # BMP: a rewrite keeps the size
+        write(name, 40 * i)
+    rows = pd.DataFrame({"image": ["a.bmp", "b.bmp", "c.bmp"], "mask": [""] * 3, "label": [0] * 3,
+                         "category": ["c"] * 3, "dataset": ["d"] * 3, "domain": ["industrial"] * 3})
+    one = 3 * 8 * 8 * 4  # bytes of one decoded float32 image
+    cache = DecodedCache(2 * one)
+    ds = ManifestDataset(rows, tmp_path, 8, cache=cache)
+    for i in (0, 1, 2):  # the third evicts the least recently used (a)
+        ds[i]
+    assert len(cache) == 2 and cache.nbytes == 2 * one and cache.misses == 3
+    ds[2], ds[1]
+    assert cache.hits == 2
+    ds[0]
+    assert cache.misses == 4  # a was evicted, decoded again
+    # a file rewritten on disk is decoded again, not served stale
+    write("a.bmp", 200)
+    st = (tmp_path / "a.bmp").stat()
+    os.utime(tmp_path / "a.bmp", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert torch.equal(ds[0]["image"], load_image(tmp_path / "a.bmp", 8))
+    assert cache.misses == 5
+    # a budget of 0 keeps nothing; a missing file still raises the error that names it
+    empty = DecodedCache(0)
+    ManifestDataset(rows, tmp_path, 8, cache=empty)[0]
+    assert len(empty) == 0 and empty.nbytes == 0
+    from bench.data import DataError
+
+    missing = rows.assign(image=["gone.png", "b.bmp", "c.bmp"])
+    with pytest.raises(DataError, match=r"gone\.png: cannot read image"):
+        ManifestDataset(missing, tmp_path, 8, cache=cache)[0]
 
 
 def _epochs(loader, n_epochs: int, wrap=lambda it: it, stop_after: int | None = None):

@@ -103,6 +103,29 @@ def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path: Path, data_co
     assert {k: v["sha256"] for k, v in prov_a.items()} == {k: v["sha256"] for k, v in prov_b.items()}
 
 
+def test_decoded_cache_changes_no_number(tmp_path: Path, data_copy: Path):
+    """On the CPU the runner keeps decoded images (``[run] decoded_cache_mb``, on by default
+    there): the records and the trained state equal those of a run that decodes every time."""
+    load_plugin(EXAMPLE_PLUGIN)
+    on = write_protocol(tmp_path / "on.toml", methods='["patch_probe"]', seeds="[0]")
+    off = tmp_path / "off.toml"
+    off.write_text(on.read_text().replace("[run]\n", "[run]\ndecoded_cache_mb = 0\n"))
+    runs = {}
+    for name, path in (("on", on), ("off", off)):
+        proto = prepare_protocol(str(path))
+        runner = Runner(proto, tmp_path / name, data_copy, progress=False)
+        runner.run(expand(proto))
+        runs[name] = (proto, runner)
+    (p_on, r_on), (p_off, r_off) = runs["on"], runs["off"]
+    assert p_on.digest() == p_off.digest()  # a resource setting, not in the protocol's hash
+    assert r_off.decoded_cache is None
+    assert r_on.decoded_cache is not None and r_on.decoded_cache.hits > 0
+    assert _same(_records(tmp_path / "on"), _records(tmp_path / "off"))
+    ck_on = results.read_provenance(tmp_path / "on")["checkpoints"]
+    ck_off = results.read_provenance(tmp_path / "off")["checkpoints"]
+    assert {k: v["sha256"] for k, v in ck_on.items()} == {k: v["sha256"] for k, v in ck_off.items()}
+
+
 def test_kill_minus_9_then_resume_equals_uninterrupted_run(tmp_path: Path, data_copy: Path):
     proto = write_protocol(tmp_path / "p.toml", methods='["clip", "patch_probe"]', seeds="[0, 1, 2]")
     full = _run_cli(tmp_path, proto, data_copy, tmp_path / "full")
