@@ -68,7 +68,13 @@ from torchvision.transforms import functional as TF
 
 from bench.backbone import block_attention
 from methods.base import Method, Prediction, register
-from methods.common import REFERENCE_TEXT_DEPTH, REFERENCE_VISUAL_DEPTH, scale_layer, scale_layers
+from methods.common import (
+    REFERENCE_TEXT_DEPTH,
+    REFERENCE_VISUAL_DEPTH,
+    scale_layer,
+    scale_layers,
+    train_steps,
+)
 from methods.losses import segmentation_loss
 
 BIBTEX = """@inproceedings{ma2025aaclip,
@@ -571,21 +577,15 @@ class AACLIP(Method):
         params = [p for _, p in self.head.stage_parameters("text")]
         opt = torch.optim.Adam(params, lr=float(hp["text_lr"]), betas=tuple(hp["betas"]))
         self._set_stage("text")
-        self.head.train()
         try:
-            for _ in range(int(epochs)):
-                for batch in rebatch(progress(aux_loader), int(hp["text_batch_size"])):
-                    if augment is not None:
-                        batch = augment(batch, color=False)
-                    loss, _ = self.stage1_loss(batch)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    self.losses["text"].append(float(loss.detach()))
+            train_steps(self.head, opt, int(epochs),
+                        lambda: rebatch(progress(aux_loader), int(hp["text_batch_size"])),
+                        lambda batch: self.stage1_loss(
+                            augment(batch, color=False) if augment is not None else batch)[0],
+                        losses=self.losses["text"])
             self.head.text_trained.fill_(1.0)
         finally:
             self._set_stage(None)
-            self.head.eval()
             self._anchor_cache.clear()
 
     def fit_image(self, aux_loader: Iterable[dict[str, Any]], *, epochs: int, seed: int = 0,
@@ -599,21 +599,14 @@ class AACLIP(Method):
         sched = torch.optim.lr_scheduler.MultiStepLR(
             opt, milestones=[int(m) for m in hp["lr_milestones"]], gamma=float(hp["lr_gamma"]))
         self._set_stage("image")
-        self.head.train()
         try:
-            for _ in range(int(epochs)):
-                for batch in rebatch(progress(aux_loader), int(hp["batch_size"])):
-                    if augment is not None:
-                        batch = augment(batch, color=True)
-                    loss, _ = self.stage2_loss(batch)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    self.losses["image"].append(float(loss.detach()))
+            train_steps(self.head, opt, int(epochs),
+                        lambda: rebatch(progress(aux_loader), int(hp["batch_size"])),
+                        lambda batch: self.stage2_loss(
+                            augment(batch, color=True) if augment is not None else batch)[0],
+                        scheduler=sched, losses=self.losses["image"])
         finally:
             self._set_stage(None)
-            self.head.eval()
 
     def fit(self, aux_loader, *, epochs: int | None = None, seed: int = 0, progress=iter) -> None:
         """Stage 1 (``text_epochs``) then stage 2 (``epochs``, the runner's epoch count)."""

@@ -102,7 +102,13 @@ from torch import nn
 from bench.backbone import compose_prompts
 from methods.augment import Mosaic
 from methods.base import Method, Prediction, register
-from methods.common import REFERENCE_TEXT_DEPTH, gaussian_blur, scale_layer, scale_layers
+from methods.common import (
+    REFERENCE_TEXT_DEPTH,
+    gaussian_blur,
+    scale_layer,
+    scale_layers,
+    train_steps,
+)
 from methods.losses import dice_loss, focal_loss
 
 #: The released ``TextEmbebddingLayer`` state words and templates (``method/adaclip.py``).
@@ -516,20 +522,14 @@ class AdaCLIP(Method):
                                 lr=float(hp["lr"]), betas=tuple(hp["betas"]),
                                 weight_decay=float(hp["weight_decay"]))
         self.losses: list[float] = []
-        self.head.train()
-        try:
-            for _ in range(int(epochs if epochs is not None else hp["epochs"])):
-                for batch in progress(aux_loader):
-                    # mosaic only the datasets the released code mosaics (MVTec AD)
-                    mosaic.exclude |= {str(d) for d in batch.get("dataset", [])} - include
-                    batch = mosaic(batch)
-                    loss = self.training_loss(batch)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    self.losses.append(float(loss.detach()))
-        finally:
-            self.head.eval()
+
+        def loss(batch: dict[str, Any]) -> torch.Tensor:
+            # mosaic only the datasets the released code mosaics (MVTec AD)
+            mosaic.exclude |= {str(d) for d in batch.get("dataset", [])} - include
+            return self.training_loss(mosaic(batch))
+
+        train_steps(self.head, opt, int(epochs if epochs is not None else hp["epochs"]),
+                    lambda: progress(aux_loader), loss, losses=self.losses)
 
     # -- inference -------------------------------------------------------------------------
     @torch.no_grad()

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import Method, Prediction, register
-from methods.common import gaussian_blur, scale_layers
+from methods.common import gaussian_blur, scale_layers, train_steps
 from methods.losses import dice_loss, focal_loss, focal_loss_bce
 
 BIBTEX = """@inproceedings{fang2025afclip,
@@ -389,14 +389,8 @@ class AFCLIP(Method):
         hp = self.hparams
         params = [p for p in self.head.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=float(hp["lr"]), betas=tuple(hp["betas"]))
-        self.head.train()
-        for _ in range(int(hp["epochs"] if epochs is None else epochs)):
-            for batch in progress(aux_loader):
-                loss = self.losses(batch)["total"]
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        self.head.eval()
+        train_steps(self.head, opt, int(hp["epochs"] if epochs is None else epochs),
+                    lambda: progress(aux_loader), lambda batch: self.losses(batch)["total"])
 
     # -- inference ---------------------------------------------------------------------------
     @torch.no_grad()

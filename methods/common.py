@@ -1,19 +1,23 @@
-"""Pieces shared by the method families: layer numbers across tower depths, map smoothing.
+"""Pieces shared by the method families: layer numbers across tower depths, map smoothing, the training loop.
 
 * :func:`scale_layer` / :func:`scale_layers` — the papers give layer numbers of ViT-L/14
   (24 visual blocks, 12 text blocks); on another backbone block ``l`` becomes
   ``round_half_up(l · depth / reference)``, clamped to ``1..depth``.
 * :func:`gaussian_blur` — ``scipy.ndimage.gaussian_filter`` on a batch of maps, the
   test-time smoothing of AnomalyCLIP, AF-CLIP and the methods evaluated in their harness.
+* :func:`train_steps` — the optimisation loop every trained method runs (loss, zero_grad,
+  backward, step per batch), with the module in train mode only while it runs.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 #: ViT-L/14: 24 visual blocks, 12 text blocks — the depths the papers' layer numbers refer to.
 REFERENCE_VISUAL_DEPTH = 24
@@ -70,3 +74,32 @@ def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> to
     out = out[:, :, _reflect_index(W, r, maps.device)]               # [B, H, W + 2r]
     out = F.conv1d(out.reshape(-1, 1, W + 2 * r), k.view(1, 1, -1))
     return out.reshape(B, H, W)
+
+
+def train_steps(module: nn.Module, opt: torch.optim.Optimizer, epochs: int,
+                batches: Callable[[], Iterable[dict[str, Any]]],
+                loss: Callable[[dict[str, Any]], torch.Tensor], *,
+                scheduler: Any = None, losses: list[float] | None = None) -> None:
+    """``epochs`` passes over ``batches()``, one optimiser step per batch.
+
+    Per batch, in this order: ``loss(batch)``, ``opt.zero_grad()``, ``backward()``,
+    ``opt.step()``, then ``scheduler.step()`` (a per-step schedule) if given, and the loss
+    value appended to ``losses`` if given. ``module`` (the learnable state) is in train mode
+    while the loop runs and back in eval mode afterwards, also when it fails. ``batches`` is
+    called once per epoch (a method's per-batch transforms — mosaics, re-batching — wrap the
+    loader there or in ``loss``).
+    """
+    module.train()
+    try:
+        for _ in range(int(epochs)):
+            for batch in batches():
+                value = loss(batch)
+                opt.zero_grad()
+                value.backward()
+                opt.step()
+                if scheduler is not None:
+                    scheduler.step()
+                if losses is not None:
+                    losses.append(float(value.detach()))
+    finally:
+        module.eval()

@@ -37,6 +37,7 @@ from methods.common import (  # noqa: F401 - re-exported for the family's module
     gaussian_blur,
     scale_layer,
     scale_layers,
+    train_steps,
 )
 
 # -- learnable text prompts ----------------------------------------------------------------
@@ -241,15 +242,6 @@ class PromptMethodBase(Method):
         hp = self.hparams
         opt = torch.optim.Adam(self.parameters_to_train(), lr=float(hp["lr"]),
                                betas=tuple(hp.get("betas", (0.9, 0.999))))
-        self.head.train()
         self.losses: list[float] = []
-        try:
-            for _ in range(int(hp["epochs"] if epochs is None else epochs)):
-                for batch in progress(aux_loader):
-                    loss = self.training_loss(batch)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    self.losses.append(float(loss.detach()))
-        finally:
-            self.head.eval()
+        train_steps(self.head, opt, int(hp["epochs"] if epochs is None else epochs),
+                    lambda: progress(aux_loader), self.training_loss, losses=self.losses)

@@ -38,7 +38,7 @@ from torch import nn
 from bench.backbone import compose_prompts, encode_prompts, ensemble_mean
 from methods.augment import Mosaic
 from methods.base import Method, Prediction, register
-from methods.common import scale_layers
+from methods.common import scale_layers, train_steps
 from methods.losses import dice_loss, focal_loss
 
 #: VAND's state words (``prompt_ensemble.py`` of the released code).
@@ -166,17 +166,14 @@ class VAND(Method):
         mosaic = Mosaic(float(hp["mosaic_rate"]), seed=seed, pool_size=int(hp["mosaic_pool"]),
                         exclude=hp["mosaic_exclude"])
         opt = torch.optim.Adam(self.head.parameters(), lr=float(hp["lr"]), betas=tuple(hp["betas"]))
-        self.head.train()
-        for _ in range(int(hp["epochs"] if epochs is None else epochs)):
-            for batch in progress(aux_loader):
-                batch = mosaic(batch)
-                images = batch["image"].to(dev)
-                probs, _ = self.stage_probs(images, self.batch_text(batch))
-                loss = self.loss(probs, batch["mask"].to(dev))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        self.head.eval()
+
+        def loss(batch: dict[str, Any]) -> torch.Tensor:
+            batch = mosaic(batch)
+            probs, _ = self.stage_probs(batch["image"].to(dev), self.batch_text(batch))
+            return self.loss(probs, batch["mask"].to(dev))
+
+        train_steps(self.head, opt, int(hp["epochs"] if epochs is None else epochs),
+                    lambda: progress(aux_loader), loss)
 
     @torch.no_grad()
     def predict(self, batch: dict[str, Any]) -> Prediction:
