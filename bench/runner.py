@@ -380,6 +380,12 @@ class Runner:
             self._datasets[name] = open_dataset(self.proto, name, self.data_root)
         return self._datasets[name]
 
+    def torch_dataset(self, handle: DatasetHandle, rows: pd.DataFrame, image_size: int,
+                      class_words: str) -> ManifestDataset:
+        """``rows`` of ``handle`` as this run loads them: its mask rule, its decoded cache."""
+        return handle.torch_dataset(rows, image_size, class_words, self.mask_resize,
+                                    self.decoded_cache)
+
     def aux_dataset(self, aux: str, image_size: int, class_words: str = "readable"):
         """The training images of an auxiliary split: the test split of its dataset, or the
         union of the test splits of several (``"mvtec+colondb"``), in that order."""
@@ -387,8 +393,7 @@ class Runner:
         for name in protocol_mod.aux_parts(aux):
             handle = self.dataset(name)
             rows = handle.manifest[handle.manifest["split"] == "test"]
-            parts.append(handle.torch_dataset(rows, image_size, class_words, self.mask_resize,
-                                              self.decoded_cache))
+            parts.append(self.torch_dataset(handle, rows, image_size, class_words))
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
     def hparams(self, method: str, aux: str) -> dict[str, Any]:
@@ -541,11 +546,9 @@ class Runner:
                 support = self.support_rows(target, category, job)
                 if support is None:
                     continue
-                ds_support = target.torch_dataset(support, bb.image_size, words, self.mask_resize,
-                                                  self.decoded_cache)
+                ds_support = self.torch_dataset(target, support, bb.image_size, words)
                 method.set_support(collate([ds_support[i] for i in range(len(ds_support))]))
-            ds = target.torch_dataset(rows, bb.image_size, words, self.mask_resize,
-                                      self.decoded_cache)
+            ds = self.torch_dataset(target, rows, bb.image_size, words)
             loader = make_loader(ds, batch_size=bs, shuffle=False, **self.loader_options(bb.device))
             scores, maps, labels, masks = [], [], [], []
             it = _progress(self.progress and self.bars)(loader, desc=f"{job.method} {target.name}/{category}")
